@@ -1,0 +1,360 @@
+"""config.json: one schema, validated once at start-up, then a frozen object.
+
+A bad file stops start-up with a ``ConfigError`` that names every bad key
+(``agents[1].success_objective: ...``), so an operator fixes all of them in one go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .catalog import OTHER_VALUE as OTHER
+
+# A label value users declare: short, printable, no spaces, so it is safe in PromQL
+# selectors, URLs and file names alike.
+LABEL_VALUE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,63}$"
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_RE)]
+Ratio = Annotated[float, Field(ge=0, le=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+# OpenTelemetry GenAI semantic conventions: well-known gen_ai.provider.name values.
+DEFAULT_PROVIDERS = (
+    "openai",
+    "anthropic",
+    "azure.ai.openai",
+    "aws.bedrock",
+    "gcp.vertex_ai",
+    "gcp.gemini",
+    "mistral_ai",
+    "cohere",
+    "groq",
+    "deepseek",
+    "x_ai",
+    "perplexity",
+    "ibm.watsonx.ai",
+)
+# gen_ai.operation.name values defined by the same conventions.
+GENAI_OPERATIONS = (
+    "chat",
+    "text_completion",
+    "generate_content",
+    "embeddings",
+    "execute_tool",
+    "create_agent",
+    "invoke_agent",
+)
+DEFAULT_ERROR_TYPES = (
+    "timeout",
+    "rate_limited",
+    "server_error",
+    "invalid_request",
+    "auth_error",
+    "content_filter",
+    "context_length_exceeded",
+    "tool_error",
+)
+
+
+class ConfigError(Exception):
+    """config.json is unusable; ``errors`` holds (location, message) pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        lines = [f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}" for loc, msg in errors]
+        super().__init__("invalid configuration\n  " + "\n  ".join(lines))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Agent(_Model):
+    name: LabelValue
+    team: LabelValue = "default"
+    success_objective: Ratio | None = None
+    """SLO target for this agent's success ratio; defaults to thresholds.agent_success_ratio_min."""
+
+
+class TaskType(_Model):
+    name: LabelValue
+    target_seconds: PositiveFloat | None = None
+    minutes_saved: NonNegativeFloat = 0.0
+    """Human minutes one successful task of this type saves (the executive 'hours saved')."""
+
+
+class Integration(_Model):
+    platform: LabelValue
+    operations: tuple[LabelValue, ...] = ()
+    """Declared operations; others become `other`. Empty: every operation is `other`."""
+    error_ratio_max: Ratio | None = None
+    latency_p95_max_seconds: PositiveFloat | None = None
+
+
+class Model(_Model):
+    name: LabelValue
+    provider: LabelValue | None = None
+
+
+class Thresholds(_Model):
+    agent_success_ratio_min: Ratio = 0.9
+    task_completion_ratio_min: Ratio = 0.95
+    integration_error_ratio_max: Ratio = 0.05
+    integration_latency_p95_max_seconds: PositiveFloat = 2.0
+    task_backlog_max: NonNegativeFloat = 500
+    task_wait_p95_max_seconds: PositiveFloat = 300
+    source_lag_max_seconds: PositiveFloat = 300
+    rejected_events_ratio_max: Ratio = 0.01
+    cost_per_successful_task_max_usd: NonNegativeFloat = 1.0
+    anomaly_zscore_max: PositiveFloat = 3.0
+
+
+def _default_efficiency() -> dict[str, float]:
+    return {"completion": 0.4, "success": 0.3, "speed": 0.2, "retries": 0.1}
+
+
+def _default_health() -> dict[str, float]:
+    return {"sources": 0.3, "integrations": 0.3, "agents": 0.3, "backlog": 0.1}
+
+
+class Scores(_Model):
+    """Weights of the 0-100 scores' components; each set must sum to 1."""
+
+    efficiency: dict[LabelValue, NonNegativeFloat] = Field(default_factory=_default_efficiency)
+    health: dict[LabelValue, NonNegativeFloat] = Field(default_factory=_default_health)
+
+    @field_validator("efficiency", "health")
+    @classmethod
+    def _sums_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if v and abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1, got {sum(v.values()):g}")
+        return v
+
+
+class EventLogSource(_Model):
+    name: LabelValue
+    path: Annotated[str, StringConstraints(min_length=1)]
+    """A glob; relative paths are relative to the config file's directory."""
+
+
+class TaskDbColumns(_Model):
+    id: str = "id"
+    task_type: str = "task_type"
+    agent: str = "agent"
+    status: str = "status"
+    created_at: str = "created_at"
+    started_at: str = "started_at"
+    finished_at: str = "finished_at"
+    workflow: str | None = "workflow"
+    updated_at: str | None = None
+    """Optional change-tracking column; see docs/task-db.md."""
+
+
+class TaskDbSource(_Model):
+    url: Annotated[str, StringConstraints(min_length=1)]
+    table: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,126}$")] = "tasks"
+    columns: TaskDbColumns = TaskDbColumns()
+    poll_seconds: PositiveFloat = 5.0
+    timeout_seconds: PositiveFloat = 10.0
+    url_env: str | None = None
+    """If set, the URL is read from this environment variable (keeps passwords out of files)."""
+
+
+class PushSource(_Model):
+    enabled: bool = False
+    token_env: str = "AICRM_INGEST_TOKEN"
+    max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
+
+
+class Sources(_Model):
+    event_logs: tuple[EventLogSource, ...] = ()
+    task_db: TaskDbSource | None = None
+    push: PushSource = PushSource()
+
+
+class ExporterSettings(_Model):
+    listen: str = "127.0.0.1:9464"
+    state_dir: str = "data/state"
+    checkpoint_seconds: PositiveFloat = 1.0
+    poll_seconds: PositiveFloat = 0.25
+    max_line_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    journal_segment_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+
+class ApiSettings(_Model):
+    prometheus_url: str = "http://127.0.0.1:9090"
+    cache_ttl_seconds: NonNegativeFloat = 15
+    api_keys_env: str = "AICRM_API_KEYS"
+    require_key_for_all: bool = False
+    redis_url: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    rate_limit: str = "120/minute"
+    query_timeout_seconds: PositiveFloat = 10
+    export_max_points: Annotated[int, Field(gt=0)] = 200_000
+    listen: str = "127.0.0.1:5000"
+
+
+class Config(_Model):
+    agents: tuple[Agent, ...]
+    task_types: tuple[TaskType, ...]
+    integrations: tuple[Integration, ...] = ()
+    models: tuple[LabelValue | Model, ...] = ()
+    providers: tuple[LabelValue, ...] = DEFAULT_PROVIDERS
+    tools: tuple[LabelValue, ...] = ()
+    channels: tuple[LabelValue, ...] = ()
+    error_types: tuple[LabelValue, ...] = DEFAULT_ERROR_TYPES
+    thresholds: Thresholds = Thresholds()
+    scores: Scores = Scores()
+    sources: Sources = Sources()
+    exporter: ExporterSettings = ExporterSettings()
+    api: ApiSettings = ApiSettings()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        errors: list[tuple[str, str]] = []
+        _unique(errors, "agents", (a.name for a in self.agents))
+        _unique(errors, "task_types", (t.name for t in self.task_types))
+        _unique(errors, "integrations", (i.platform for i in self.integrations))
+        _unique(errors, "models", self.model_names)
+        _unique(errors, "tools", self.tools)
+        _unique(errors, "channels", self.channels)
+        _unique(errors, "providers", self.providers)
+        _unique(errors, "error_types", self.error_types)
+        _unique(errors, "sources.event_logs", (s.name for s in self.sources.event_logs))
+        for i, integ in enumerate(self.integrations):
+            _unique(errors, f"integrations[{i}].operations", integ.operations)
+        reserved = {"push", "task_db"}
+        for i, src in enumerate(self.sources.event_logs):
+            if src.name in reserved:
+                errors.append(
+                    (f"sources.event_logs[{i}].name", f"{src.name!r} is reserved for a built-in source")
+                )
+        if errors:
+            # Raised as ValueError so pydantic reports it beside the field errors.
+            raise ValueError("; ".join(f"{loc}: {msg}" for loc, msg in errors))
+        return self
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(m if isinstance(m, str) else m.name for m in self.models)
+
+    def model_provider(self, model: str) -> str | None:
+        for m in self.models:
+            if not isinstance(m, str) and m.name == model:
+                return m.provider
+        return None
+
+
+def _unique(errors: list[tuple[str, str]], loc: str, names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name == OTHER:
+            errors.append((f"{loc}[{i}]", f"{OTHER!r} is reserved for undeclared values"))
+        elif name in seen:
+            errors.append((f"{loc}[{i}]", f"duplicate name {name!r}"))
+        seen.add(name)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') to a (host, port) pair; ValueError says why not."""
+    m = re.fullmatch(r"\[?([^\]]*)\]?:(\d{1,5})", value)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    return m.group(1) or "0.0.0.0", int(m.group(2))
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not p.startswith(("function-", "str", "Model")):
+            # pydantic adds union member names (e.g. 'str', 'Model') to the location.
+            out += f".{p}" if out else p
+    return out
+
+
+def _errors_from(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and not err["loc"] and ": " in msg:
+            for part in msg.split("; "):
+                loc, _, m = part.partition(": ")
+                out.append((loc, m))
+            continue
+        out.append((_loc(tuple(err["loc"])), msg))
+    return out
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", "the top level must be a JSON object")])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _errors_from(exc)) from None
+
+
+def default_config_path() -> str:
+    return os.environ.get("AICRM_CONFIG") or "config.json"
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate config.json; relative paths inside it resolve against its directory."""
+    p = Path(path or default_config_path())
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            str(p), [("", f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")]
+        ) from None
+    cfg = parse_config(data, str(p))
+    return resolve_paths(cfg, p.resolve().parent)
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make file paths absolute against ``base`` (the config file's directory)."""
+
+    def fix(path: str) -> str:
+        return path if os.path.isabs(path) else str(base / path)
+
+    logs = tuple(s.model_copy(update={"path": fix(s.path)}) for s in cfg.sources.event_logs)
+    sources = cfg.sources.model_copy(update={"event_logs": logs})
+    task_db = sources.task_db
+    if task_db is not None and task_db.url.startswith("sqlite:///") and not task_db.url.startswith(
+        "sqlite:////"
+    ):
+        rel = task_db.url.removeprefix("sqlite:///")
+        if rel and not rel.startswith(":memory:"):
+            sources = sources.model_copy(
+                update={"task_db": task_db.model_copy(update={"url": "sqlite:///" + fix(rel)})}
+            )
+    exporter = cfg.exporter.model_copy(update={"state_dir": fix(cfg.exporter.state_dir)})
+    return cfg.model_copy(update={"sources": sources, "exporter": exporter})
