@@ -8,14 +8,13 @@ needs a migration note in docs/metrics.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-
+from enum import StrEnum
 
 OTHER_VALUE = "other"
 """The label value that stands for every value not declared in config.json."""
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     COUNTER = "counter"
     GAUGE = "gauge"
     HISTOGRAM = "histogram"

@@ -248,9 +248,8 @@ class Config(_Model):
         reserved = {"push", "task_db"}
         for i, src in enumerate(self.sources.event_logs):
             if src.name in reserved:
-                errors.append(
-                    (f"sources.event_logs[{i}].name", f"{src.name!r} is reserved for a built-in source")
-                )
+                loc = f"sources.event_logs[{i}].name"
+                errors.append((loc, f"{src.name!r} is reserved for a built-in source"))
         if errors:
             # Raised as ValueError so pydantic reports it beside the field errors.
             raise ValueError("; ".join(f"{loc}: {msg}" for loc, msg in errors))

@@ -1,0 +1,173 @@
+"""The typed event model every source produces, and the decoder for event lines.
+
+An event line (DESIGN.md, "Event lines") is decoded and validated in one pass by msgspec;
+a line that breaks the contract becomes a ``Rejected`` with a bounded ``reason`` (a label
+of ``aicrm_source_rejected_events_total``) and a human-readable ``detail`` naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+NonNegative = Annotated[float, Meta(ge=0)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+# RFC 3339 with an offset or Z, or Unix epoch seconds.
+Timestamp = Annotated[datetime, Meta(tz=True)] | float | None
+AnyId = Annotated[str, Meta(max_length=256)] | int | None
+
+
+class _Event(Struct, tag_field="event", kw_only=True, gc=False):
+    ts: Timestamp = None
+
+    def epoch(self) -> float | None:
+        ts = self.ts
+        if ts is None or isinstance(ts, float | int):
+            return ts
+        return ts.timestamp()
+
+
+class TaskResult(_Event, tag="task_result"):
+    agent: Name
+    task_type: Name
+    outcome: Literal["success", "failure", "escalated"]
+    task_id: AnyId = None
+    duration_ms: NonNegative | None = None
+    retries: NonNegativeInt | None = None
+    workflow: Name | None = None
+
+
+class LlmCall(_Event, tag="llm_call"):
+    agent: Name
+    model: Name
+    operation: Name = "chat"
+    provider: Name | None = None
+    duration_ms: NonNegative | None = None
+    input_tokens: NonNegativeInt | None = None
+    output_tokens: NonNegativeInt | None = None
+    cost_usd: NonNegative | None = None
+    error_type: Name | None = None
+
+
+class ToolCall(_Event, tag="tool_call"):
+    agent: Name
+    tool: Name
+    duration_ms: NonNegative | None = None
+    outcome: Literal["success", "failure"] = "success"
+    error_type: Name | None = None
+
+
+class Handoff(_Event, tag="handoff"):
+    from_agent: Name
+    to_agent: Name
+    workflow: Name | None = None
+    task_id: AnyId = None
+
+
+class IntegrationCall(_Event, tag="integration_call"):
+    platform: Name
+    operation: Name
+    status: Annotated[int, Meta(ge=100, le=599)] | Literal["timeout"] | None = None
+    duration_ms: NonNegative | None = None
+    agent: Name | None = None
+
+
+class Interaction(_Event, tag="interaction"):
+    channel: Name
+    type: Literal["message", "approval", "rejection", "feedback", "escalation"]
+    user: Annotated[str, Meta(max_length=256)] | int | None = None
+    agent: Name | None = None
+    rating: Annotated[int, Meta(ge=1, le=5)] | None = None
+
+
+Event = TaskResult | LlmCall | ToolCall | Handoff | IntegrationCall | Interaction
+EVENT_KINDS = ("task_result", "llm_call", "tool_call", "handoff", "integration_call", "interaction")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A line that broke the contract: ``reason`` is a bounded label, ``detail`` is for humans."""
+
+    reason: str
+    detail: str
+
+
+_decoder = msgspec.json.Decoder(Event)
+_encoder = msgspec.json.Encoder()
+
+decode_event = _decoder.decode
+"""The hot path's decoder: raises on a bad line (then ``decode_line`` says why)."""
+
+
+def _classify(message: str) -> str:
+    if message.startswith("Invalid value") and message.endswith("`$.event`"):
+        return "unknown_event"
+    if message.startswith("Object missing required field"):
+        return "missing_field"
+    if message.startswith("Expected `object`"):
+        return "not_object"
+    if message.startswith(("Invalid enum value", "Number out of range")) or (
+        message.startswith("Expected") and (" >= " in message or " <= " in message
+                                            or "of length" in message)
+    ):
+        return "out_of_range"
+    return "wrong_type"
+
+
+def decode_line(line: bytes) -> Event | Rejected:
+    """Decode one event line (without its newline). Never raises on bad input."""
+    try:
+        return _decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        return Rejected(_classify(msg), msg)
+    except msgspec.DecodeError as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            return Rejected("invalid_utf8", f"invalid UTF-8 at byte {uexc.start}")
+        return Rejected("invalid_json", str(exc))
+    except UnicodeDecodeError as exc:
+        return Rejected("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
+
+
+def encode_event(event: Event) -> bytes:
+    """One event as a JSON line body (no newline); ``decode_line`` reads it back unchanged."""
+    return _encoder.encode(event)
+
+
+# --- Task database ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramData:
+    """A histogram's state: per-bucket (not cumulative) counts for the catalog's bounds plus
+    one for +Inf, the sum of observations and their count."""
+
+    buckets: tuple[int, ...]
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDbSnapshot:
+    """Aggregates of the tasks table as of one poll. Label values are already mapped to the
+    declared sets (undeclared -> ``other``); counts are totals from the database, so an
+    exporter restart rebuilds the same numbers."""
+
+    totals: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    """(task_type, agent, status) -> tasks that reached that terminal status."""
+    duration: Mapping[tuple[str, str], HistogramData] = field(default_factory=dict)
+    """(task_type, agent) -> started->finished seconds of terminal tasks."""
+    wait: Mapping[str, HistogramData] = field(default_factory=dict)
+    """task_type -> created->started seconds of started tasks."""
+    open: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(task_type, status) -> tasks queued or running now."""
+    oldest_open_age: Mapping[str, float] = field(default_factory=dict)
+    """task_type -> age in seconds of the oldest open task (0 when none)."""

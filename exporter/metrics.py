@@ -1,0 +1,500 @@
+"""The metric layer: typed events in, the catalog's metric families out.
+
+``MetricStore`` owns every value the exporter serves. It is deliberately not built from
+client_python's ``Counter``/``Histogram`` objects: the ingest path updates plain dicts keyed by
+label tuples (a few hundred nanoseconds per event), and ``collect()`` turns them into metric
+families when Prometheus scrapes. The whole state can be dumped and restored, which is what
+makes restarts exactly-once (see ``state.py``).
+
+All mutation happens under ``lock``; sources that must keep their own positions consistent
+with the counters (the file tailer) hold it while they apply a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from itertools import product
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from . import __version__
+from . import catalog as c
+from .catalog import Kind, MetricSpec
+from .config import Config
+from .events import (
+    Event,
+    Handoff,
+    HistogramData,
+    IntegrationCall,
+    Interaction,
+    LlmCall,
+    TaskDbSnapshot,
+    TaskResult,
+    ToolCall,
+)
+from .labels import LabelSet, LabelSets
+
+LabelValues = tuple[str, ...]
+# A histogram series: per-bucket counts (len(bounds) + 1 for +Inf), then sum, then count.
+HistState = list[float]
+
+STATE_VERSION = 1
+
+
+def status_class(status: int | str | None) -> str:
+    """HTTP status (or 'timeout') to the bounded ``status_class`` label."""
+    if status is None or status == "timeout":
+        return "2xx" if status is None else "timeout"
+    if status == 429:
+        return "429"
+    if isinstance(status, int):
+        if status >= 500:
+            return "5xx"
+        if status >= 400:
+            return "4xx"
+    return "2xx"
+
+
+def _user_key(user: str | int) -> int:
+    """Users are counted, never stored: a 64-bit digest stands in for the id."""
+    return int.from_bytes(hashlib.blake2b(str(user).encode(), digest_size=8).digest(), "big")
+
+
+class MetricStore(Collector):
+    """Every served value, updated by sources through ``apply`` and the sink methods."""
+
+    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.labels = LabelSets.from_config(cfg)
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.version = 0
+        """Bumped by every change; the checkpointer compares it to know what is persisted."""
+        self._counters: dict[str, dict[LabelValues, float]] = {
+            s.name: {} for s in c.ALL if s.kind is Kind.COUNTER
+        }
+        self._hists: dict[str, dict[LabelValues, HistState]] = {
+            s.name: {} for s in c.ALL if s.kind is Kind.HISTOGRAM
+        }
+        self._bounds: dict[str, tuple[float, ...]] = {
+            s.name: s.buckets for s in c.ALL if s.kind is Kind.HISTOGRAM
+        }
+        self._users: dict[int, float] = {}
+        self._source_up: dict[str, float] = {}
+        self._source_lag: dict[str, float] = {}
+        self._source_last: dict[str, float] = {}
+        self._tasks: TaskDbSnapshot | None = None
+        self._apply: dict[type, Callable[[Any], None]] = {
+            TaskResult: self._task_result,
+            LlmCall: self._llm_call,
+            ToolCall: self._tool_call,
+            Handoff: self._handoff,
+            IntegrationCall: self._integration_call,
+            Interaction: self._interaction,
+        }
+        self._static = list(self._config_families())
+        self._precreate()
+
+    # --- sink interface used by sources --------------------------------------------------
+
+    def apply(self, event: Event) -> None:
+        """Record one accepted event (the caller counts it with ``accepted``)."""
+        self._apply[type(event)](event)
+        self.version += 1
+
+    def accepted(self, source: str, n: int = 1, newest_ts: float | None = None) -> None:
+        """``n`` events from ``source`` were applied; ``newest_ts`` is the newest event time."""
+        now = self.clock()
+        with self.lock:
+            self._cinc(c.SOURCE_EVENTS, (source,), n)
+            if n:
+                self._source_last[source] = now
+            if newest_ts is not None:
+                self._source_lag[source] = max(0.0, now - newest_ts)
+            self.version += 1
+
+    def reject(self, source: str, reason: str, n: int = 1) -> None:
+        with self.lock:
+            self._cinc(c.SOURCE_REJECTED, (source, reason), n)
+            self.version += 1
+
+    def overflow(self, label: str, n: int = 1) -> None:
+        with self.lock:
+            self._cinc(c.LABEL_OVERFLOW, (label,), n)
+            self.version += 1
+
+    def source_status(self, source: str, up: bool) -> None:
+        with self.lock:
+            self._source_up[source] = 1.0 if up else 0.0
+
+    def push_request(self, code: int) -> None:
+        with self.lock:
+            self._cinc(c.PUSH_REQUESTS, (str(code),), 1)
+            self.version += 1
+
+    def task_snapshot(self, snap: TaskDbSnapshot) -> None:
+        """Replace the task database families; they are totals from the database, so they
+        are not part of the persisted state."""
+        with self.lock:
+            self._tasks = snap
+
+    def add_source(self, source: str) -> None:
+        """Declare a source so its self metrics exist (at zero) before its first event."""
+        with self.lock:
+            self._source_up.setdefault(source, 0.0)
+            self._counters[c.SOURCE_EVENTS.name].setdefault((source,), 0.0)
+            rej = self._counters[c.SOURCE_REJECTED.name]
+            for reason in c.REJECT_REASONS:
+                rej.setdefault((source, reason), 0.0)
+
+    # --- per-event updates (hot path) ----------------------------------------------------
+
+    def _m(self, ls: LabelSet, value: str | None) -> str:
+        if value in ls.values:
+            return value  # type: ignore[return-value]
+        self._cinc(c.LABEL_OVERFLOW, (ls.label,), 1)
+        return c.OTHER_VALUE
+
+    def _cinc(self, spec: MetricSpec, key: LabelValues, v: float) -> None:
+        d = self._counters[spec.name]
+        d[key] = d.get(key, 0.0) + v
+
+    def _observe(self, spec: MetricSpec, key: LabelValues, v: float) -> None:
+        d = self._hists[spec.name]
+        h = d.get(key)
+        bounds = self._bounds[spec.name]
+        if h is None:
+            h = d[key] = [0.0] * (len(bounds) + 3)
+        h[bisect_left(bounds, v)] += 1
+        h[-2] += v
+        h[-1] += 1
+
+    def _task_result(self, e: TaskResult) -> None:
+        ls = self.labels
+        agent = self._m(ls.agents, e.agent)
+        task_type = self._m(ls.task_types, e.task_type)
+        self._cinc(c.AGENT_TASK_RESULTS, (agent, task_type, e.outcome), 1)
+        if e.duration_ms is not None:
+            self._observe(c.AGENT_TASK_DURATION, (agent, task_type), e.duration_ms / 1000)
+        if e.retries:
+            self._cinc(c.AGENT_RETRIES, (agent, task_type), e.retries)
+
+    def _llm_call(self, e: LlmCall) -> None:
+        ls = self.labels
+        agent = self._m(ls.agents, e.agent)
+        model = self._m(ls.models, e.model)
+        op = self._m(ls.genai_operations, e.operation)
+        if e.provider is not None:
+            provider = self._m(ls.providers, e.provider)
+        else:
+            provider = ls.model_providers.get(e.model, c.OTHER_VALUE)
+        if e.duration_ms is not None:
+            err = "" if e.error_type is None else self._m(ls.error_types, e.error_type)
+            self._observe(
+                c.GENAI_OPERATION_DURATION, (op, model, provider, agent, err), e.duration_ms / 1000
+            )
+        if e.input_tokens is not None:
+            self._observe(
+                c.GENAI_TOKEN_USAGE, (op, model, provider, "input", agent), e.input_tokens
+            )
+        if e.output_tokens is not None:
+            self._observe(
+                c.GENAI_TOKEN_USAGE, (op, model, provider, "output", agent), e.output_tokens
+            )
+        if e.cost_usd:
+            self._cinc(c.AGENT_COST, (agent, model), e.cost_usd)
+
+    def _tool_call(self, e: ToolCall) -> None:
+        ls = self.labels
+        agent = self._m(ls.agents, e.agent)
+        tool = self._m(ls.tools, e.tool)
+        self._cinc(c.AGENT_TOOL_CALLS, (agent, tool, e.outcome), 1)
+        if e.duration_ms is not None:
+            self._observe(c.AGENT_TOOL_CALL_DURATION, (agent, tool), e.duration_ms / 1000)
+
+    def _handoff(self, e: Handoff) -> None:
+        ls = self.labels
+        key = (self._m(ls.agents, e.from_agent), self._m(ls.agents, e.to_agent))
+        self._cinc(c.AGENT_HANDOFFS, key, 1)
+
+    def _integration_call(self, e: IntegrationCall) -> None:
+        ls = self.labels
+        platform = self._m(ls.platforms, e.platform)
+        op = ls.operation(platform, e.operation)
+        if op != e.operation:
+            self._cinc(c.LABEL_OVERFLOW, ("operation",), 1)
+        self._cinc(c.INTEGRATION_REQUESTS, (platform, op, status_class(e.status)), 1)
+        if e.duration_ms is not None:
+            self._observe(c.INTEGRATION_REQUEST_DURATION, (platform, op), e.duration_ms / 1000)
+
+    def _interaction(self, e: Interaction) -> None:
+        ls = self.labels
+        self._cinc(c.USER_INTERACTIONS, (self._m(ls.channels, e.channel), e.type), 1)
+        if e.rating is not None:
+            agent = c.OTHER_VALUE if e.agent is None else self._m(ls.agents, e.agent)
+            self._observe(c.USER_FEEDBACK_RATING, (agent,), e.rating)
+        if e.user is not None:
+            now = self.clock()
+            ts = e.epoch()
+            seen = now if ts is None or ts > now else ts
+            key = _user_key(e.user)
+            if self._users.get(key, 0.0) < seen:
+                self._users[key] = seen
+
+    # --- series that exist before the first event ----------------------------------------
+
+    def _precreate(self) -> None:
+        """Declared label combinations start at 0, so the first event shows in rate()."""
+        ls = self.labels
+        agents = sorted(ls.agents.values)
+        task_types = sorted(ls.task_types.values)
+        tools = sorted(ls.tools.values)
+        models = sorted(ls.models.values)
+
+        def zero(spec: MetricSpec, combos: Iterable[LabelValues]) -> None:
+            if spec.kind is Kind.COUNTER:
+                d = self._counters[spec.name]
+                for k in combos:
+                    d.setdefault(k, 0.0)
+            else:
+                h = self._hists[spec.name]
+                width = len(spec.buckets) + 3
+                for k in combos:
+                    h.setdefault(k, [0.0] * width)
+
+        zero(c.AGENT_TASK_RESULTS, product(agents, task_types, c.OUTCOMES))
+        zero(c.AGENT_TASK_DURATION, product(agents, task_types))
+        zero(c.AGENT_RETRIES, product(agents, task_types))
+        zero(c.AGENT_HANDOFFS, product(agents, agents))
+        zero(c.AGENT_COST, product(agents, models))
+        zero(c.AGENT_TOOL_CALLS, product(agents, tools, c.TOOL_OUTCOMES))
+        zero(c.AGENT_TOOL_CALL_DURATION, product(agents, tools))
+        for integ in self.cfg.integrations:
+            ops = sorted(integ.operations)
+            zero(c.INTEGRATION_REQUESTS, product([integ.platform], ops, c.STATUS_CLASSES))
+            zero(c.INTEGRATION_REQUEST_DURATION, product([integ.platform], ops))
+        zero(c.USER_INTERACTIONS, product(sorted(ls.channels.values), c.INTERACTION_TYPES))
+        zero(c.USER_FEEDBACK_RATING, ((a,) for a in agents))
+        with_provider = [(m, p) for m, p in ls.model_providers.items()]
+        zero(
+            c.GENAI_OPERATION_DURATION,
+            (("chat", m, p, a, "") for (m, p), a in product(with_provider, agents)),
+        )
+        zero(
+            c.GENAI_TOKEN_USAGE,
+            (
+                ("chat", m, p, t, a)
+                for (m, p), t, a in product(with_provider, c.TOKEN_TYPES, agents)
+            ),
+        )
+        labels = ("agent", "task_type", "platform", "model", "provider", "tool", "channel",
+                  "error_type", "operation")
+        zero(c.LABEL_OVERFLOW, ((x,) for x in labels))
+
+    def _config_families(self) -> Iterator[Metric]:
+        """aicrm_threshold, aicrm_objective and friends: config.json as series."""
+        cfg, ls = self.cfg, self.labels
+        th = cfg.thresholds
+
+        threshold = Metric(c.THRESHOLD.name, c.THRESHOLD.help, "gauge")
+        for key, value in th.model_dump().items():
+            threshold.add_sample(c.THRESHOLD.name, {"name": key}, float(value))
+        for agent in ls.agents.with_other():
+            threshold.add_sample(
+                c.THRESHOLD.name,
+                {"name": "agent_success_ratio_min", "agent": agent},
+                th.agent_success_ratio_min,
+            )
+        integrations = {i.platform: i for i in cfg.integrations}
+        for platform in ls.platforms.with_other():
+            integ = integrations.get(platform)
+            err = integ.error_ratio_max if integ and integ.error_ratio_max is not None else None
+            lat = (
+                integ.latency_p95_max_seconds
+                if integ and integ.latency_p95_max_seconds is not None
+                else None
+            )
+            threshold.add_sample(
+                c.THRESHOLD.name,
+                {"name": "integration_error_ratio_max", "platform": platform},
+                th.integration_error_ratio_max if err is None else err,
+            )
+            threshold.add_sample(
+                c.THRESHOLD.name,
+                {"name": "integration_latency_p95_max_seconds", "platform": platform},
+                th.integration_latency_p95_max_seconds if lat is None else lat,
+            )
+        for tt in cfg.task_types:
+            if tt.target_seconds is not None:
+                threshold.add_sample(
+                    c.THRESHOLD.name,
+                    {"name": "task_duration_target_seconds", "task_type": tt.name},
+                    tt.target_seconds,
+                )
+        yield threshold
+
+        objective = Metric(c.OBJECTIVE.name, c.OBJECTIVE.help, "gauge")
+        objectives = {a.name: a.success_objective for a in cfg.agents}
+        for agent in ls.agents.with_other():
+            target = objectives.get(agent)
+            objective.add_sample(
+                c.OBJECTIVE.name,
+                {"name": "agent_success_ratio", "agent": agent},
+                th.agent_success_ratio_min if target is None else target,
+            )
+        objective.add_sample(
+            c.OBJECTIVE.name, {"name": "task_completion_ratio"}, th.task_completion_ratio_min
+        )
+        yield objective
+
+        weights = Metric(c.SCORE_WEIGHT.name, c.SCORE_WEIGHT.help, "gauge")
+        for score, comps in (("efficiency", cfg.scores.efficiency), ("health", cfg.scores.health)):
+            for comp, w in sorted(comps.items()):
+                weights.add_sample(c.SCORE_WEIGHT.name, {"score": score, "component": comp}, w)
+        yield weights
+
+        saved = Metric(c.TASK_HUMAN_SECONDS_SAVED.name, c.TASK_HUMAN_SECONDS_SAVED.help, "gauge")
+        for tt in cfg.task_types:
+            saved.add_sample(saved.name, {"task_type": tt.name}, tt.minutes_saved * 60)
+        yield saved
+
+        info = Metric(c.AGENT_INFO.name, c.AGENT_INFO.help, "gauge")
+        for a in cfg.agents:
+            info.add_sample(info.name, {"agent": a.name, "team": a.team}, 1.0)
+        yield info
+
+        build = Metric(c.BUILD_INFO.name, c.BUILD_INFO.help, "gauge")
+        build.add_sample(build.name, {"version": __version__}, 1.0)
+        yield build
+
+    # --- exposition ------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            families = list(self._families())
+        yield from families
+        yield from self._static
+
+    def _families(self) -> Iterator[Metric]:
+        for name, series in self._counters.items():
+            spec = c.BY_NAME[name]
+            m = Metric(spec.base_name, spec.help, "counter")
+            sname = spec.base_name + "_total"
+            for key, v in series.items():
+                m.samples.append(Sample(sname, dict(zip(spec.labels, key, strict=True)), v))
+            yield m
+        for name, hseries in self._hists.items():
+            spec = c.BY_NAME[name]
+            yield _histogram(spec, ((k, _hist_data(h)) for k, h in hseries.items()))
+        yield from self._gauges()
+        if self._tasks is not None:
+            yield from _task_families(self._tasks)
+
+    def _gauges(self) -> Iterator[Metric]:
+        for spec, values in (
+            (c.SOURCE_UP, self._source_up),
+            (c.SOURCE_LAG, self._source_lag),
+            (c.SOURCE_LAST_EVENT, self._source_last),
+        ):
+            m = Metric(spec.name, spec.help, "gauge")
+            for source, v in values.items():
+                m.samples.append(Sample(spec.name, {"source": source}, v))
+            yield m
+        now = self.clock()
+        active = Metric(c.ACTIVE_USERS.name, c.ACTIVE_USERS.help, "gauge")
+        for window, seconds in c.ACTIVE_USER_WINDOWS.items():
+            since = now - seconds
+            n = sum(1 for seen in self._users.values() if seen >= since)
+            active.samples.append(Sample(active.name, {"window": window}, float(n)))
+        yield active
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """Everything a restart must continue from (call with ``lock`` held)."""
+        horizon = self.clock() - max(c.ACTIVE_USER_WINDOWS.values())
+        stale = [k for k, seen in self._users.items() if seen < horizon]
+        for k in stale:
+            del self._users[k]
+        return {
+            "version": STATE_VERSION,
+            "counters": {
+                n: [[*k, v] for k, v in s.items() if v] for n, s in self._counters.items()
+            },
+            "histograms": {
+                n: [[*k, h] for k, h in s.items() if h[-1]] for n, s in self._hists.items()
+            },
+            "users": list(self._users.items()),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore a ``dump``; series of metrics no longer in the catalog are dropped."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state version {state.get('version')!r}")
+        with self.lock:
+            for name, rows in state.get("counters", {}).items():
+                d = self._counters.get(name)
+                if d is None:
+                    continue
+                for row in rows:
+                    d[tuple(row[:-1])] = float(row[-1])
+            for name, rows in state.get("histograms", {}).items():
+                h = self._hists.get(name)
+                if h is None:
+                    continue
+                width = len(self._bounds[name]) + 3
+                for row in rows:
+                    if len(row[-1]) == width:  # bucket layout unchanged
+                        h[tuple(row[:-1])] = [float(x) for x in row[-1]]
+            self._users = {int(k): float(v) for k, v in state.get("users", [])}
+            self.version += 1
+
+
+def _hist_data(h: HistState) -> HistogramData:
+    return HistogramData(tuple(int(x) for x in h[:-2]), h[-2], int(h[-1]))
+
+
+def _fmt_bound(b: float) -> str:
+    return str(float(b))
+
+
+def _histogram(
+    spec: MetricSpec, series: Iterable[tuple[LabelValues, HistogramData]]
+) -> Metric:
+    m = Metric(spec.name, spec.help, "histogram")
+    bname, sname, cname = spec.name + "_bucket", spec.name + "_sum", spec.name + "_count"
+    les = [_fmt_bound(b) for b in spec.buckets] + ["+Inf"]
+    samples = m.samples
+    for key, data in series:
+        labels = dict(zip(spec.labels, key, strict=True))
+        acc = 0
+        for le, n in zip(les, data.buckets, strict=True):
+            acc += n
+            samples.append(Sample(bname, {**labels, "le": le}, float(acc)))
+        samples.append(Sample(cname, labels, float(data.count)))
+        samples.append(Sample(sname, labels, data.sum))
+    return m
+
+
+def _task_families(snap: TaskDbSnapshot) -> Iterator[Metric]:
+    m = Metric(c.TASKS.base_name, c.TASKS.help, "counter")
+    for key, v in snap.totals.items():
+        m.samples.append(Sample(c.TASKS.name, dict(zip(c.TASKS.labels, key, strict=True)), v))
+    yield m
+    yield _histogram(c.TASK_DURATION, snap.duration.items())
+    yield _histogram(c.TASK_WAIT, (((k,), v) for k, v in snap.wait.items()))
+    m = Metric(c.TASKS_OPEN.name, c.TASKS_OPEN.help, "gauge")
+    for key, v in snap.open.items():
+        m.samples.append(Sample(m.name, dict(zip(c.TASKS_OPEN.labels, key, strict=True)), v))
+    yield m
+    m = Metric(c.TASK_OLDEST_OPEN_AGE.name, c.TASK_OLDEST_OPEN_AGE.help, "gauge")
+    for task_type, v in snap.oldest_open_age.items():
+        m.samples.append(Sample(m.name, {"task_type": task_type}, v))
+    yield m

@@ -1,0 +1,167 @@
+"""The exporter's HTTP endpoint: encodes and serves, nothing else.
+
+GET /metrics (persist-then-render, see state.py), POST /v1/events (push), GET /healthz,
+GET /readyz, GET / (a short index).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+
+class Handlers:
+    """What the HTTP layer calls; the runtime provides them (keeps this module I/O-only)."""
+
+    def __init__(
+        self,
+        metrics: Callable[[], bytes],
+        push: Callable[[bytes], tuple[int, dict[str, Any]]] | None,
+        push_token: str | None,
+        max_body_bytes: int,
+        health: Callable[[], tuple[bool, dict[str, Any]]],
+        count_push: Callable[[int], None],
+    ):
+        self.metrics = metrics
+        self.push = push
+        self.push_token = push_token
+        self.max_body_bytes = max_body_bytes
+        self.health = health
+        self.count_push = count_push
+
+
+def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
+    from .sources.push import check_token
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "aicrm-exporter"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("%s %s", self.address_string(), format % args)
+
+        def _send(self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
+                  ) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, code: int, obj: dict[str, Any], extra: dict[str, str] | None = None
+                  ) -> None:
+            self._send(code, json.dumps(obj).encode() + b"\n", "application/json", extra)
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body = h.metrics()
+                if "gzip" in (self.headers.get("Accept-Encoding") or ""):
+                    self._send(200, gzip.compress(body, 1), CONTENT_TYPE_LATEST,
+                               {"Content-Encoding": "gzip"})
+                else:
+                    self._send(200, body, CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, detail = h.health()
+                if path == "/healthz":
+                    self._json(200, {"status": "ok"})
+                else:
+                    self._json(200 if ok else 503, {"status": "ok" if ok else "degraded", **detail})
+            elif path == "/":
+                self._send(200, b"aicrm-exporter: /metrics, POST /v1/events, /healthz, /readyz\n",
+                           "text/plain; charset=utf-8")
+            else:
+                self._json(404, {"error": f"no such endpoint: {path}"})
+
+        do_HEAD = do_GET
+
+        def do_POST(self) -> None:  # noqa: N802
+            path = self.path.split("?", 1)[0]
+            if path != "/v1/events":
+                self._drain_and(404, {"error": f"no such endpoint: {path}"})
+                return
+            code, body = self._push()
+            h.count_push(code)
+            self._json(code, body, {"WWW-Authenticate": "Bearer"} if code == 401 else None)
+
+        def _drain_and(self, code: int, obj: dict[str, Any]) -> None:
+            self.close_connection = True
+            self._json(code, obj)
+
+        def _push(self) -> tuple[int, dict[str, Any]]:
+            if h.push is None:
+                self.close_connection = True
+                return 404, {"error": "push is disabled (sources.push.enabled)"}
+            if h.push_token is None or not check_token(self.headers.get("Authorization"),
+                                                       h.push_token):
+                self.close_connection = True
+                return 401, {"error": "missing or wrong bearer token"}
+            length_header = self.headers.get("Content-Length")
+            if length_header is None:
+                self.close_connection = True
+                return 411, {"error": "Content-Length is required"}
+            try:
+                length = int(length_header)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                return 400, {"error": "Content-Length is not a valid length"}
+            if length > h.max_body_bytes:
+                self.close_connection = True
+                return 413, {"error": f"body larger than {h.max_body_bytes} bytes "
+                                      "(sources.push.max_body_bytes)"}
+            body = self.rfile.read(length)
+            if self.headers.get("Content-Encoding", "identity") == "gzip":
+                try:
+                    body = _gunzip(body, h.max_body_bytes)
+                except ValueError as exc:
+                    return 413 if "larger" in str(exc) else 400, {"error": str(exc)}
+            return h.push(body)
+
+    return Handler
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    import zlib
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"body is not valid gzip: {exc}") from None
+    if len(out) > limit:
+        raise ValueError(f"decompressed body larger than {limit} bytes")
+    return out
+
+
+class Server:
+    def __init__(self, host: str, port: int, handlers: Handlers):
+        self.httpd = ThreadingHTTPServer((host, port), make_handler(handlers))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="http",
+                                       kwargs={"poll_interval": 0.2}, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

@@ -1,0 +1,310 @@
+"""JSONL event files: follow globs like ``tail -F``, exactly once across restarts.
+
+Each file is tracked by identity (device, inode and a fingerprint of its first bytes, so a
+reused inode is not mistaken for the old file), not by name. That is what makes rotation
+(rename + new file) safe: a renamed file is drained to its end before it is let go, and the
+new file at the old name starts at offset 0. A file that shrinks was truncated and is read
+again from the start. Only complete lines are consumed; a half-written last line waits for its
+newline. Positions are read and changed only under the store's lock, so a state snapshot
+always pairs counters with the positions they came from.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+import msgspec
+
+from ..events import Event, Rejected, decode_event, decode_line
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_BYTES = 256
+READ_CHUNK = 4 * 1024 * 1024
+ROTATED_GRACE_SECONDS = 5.0
+"""How long a file that left the glob (renamed or deleted) is still watched for late writes."""
+
+
+class Sink(Protocol):
+    lock: threading.RLock
+
+    def apply(self, event: Event) -> None: ...
+    def accepted(self, source: str, n: int = 1, newest_ts: float | None = None) -> None: ...
+    def reject(self, source: str, reason: str, n: int = 1) -> None: ...
+    def source_status(self, source: str, up: bool) -> None: ...
+    def add_source(self, source: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """One named source: a glob of JSONL files."""
+
+    source: str
+    pattern: str
+
+
+@dataclass(slots=True)
+class Tracked:
+    source: str
+    path: str
+    dev: int
+    ino: int
+    offset: int = 0
+    line: int = 0
+    """Lines consumed so far: error messages name the line."""
+    fingerprint: str = ""
+    fp_len: int = 0
+    skipping: bool = False
+    """Inside an over-long line: discard up to the next newline."""
+    fh: BinaryIO | None = None
+    gone_since: float | None = None
+    drained: bool = field(default=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dev}:{self.ino}"
+
+    def position(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "path": self.path, "dev": self.dev, "ino": self.ino,
+            "offset": self.offset, "line": self.line, "fingerprint": self.fingerprint,
+            "fp_len": self.fp_len, "skipping": self.skipping,
+        }
+
+
+def _fingerprint(fh: BinaryIO, length: int) -> str:
+    fh.seek(0)
+    return hashlib.blake2b(fh.read(length), digest_size=12).hexdigest()
+
+
+class RejectLog:
+    """Says which file, line and field was wrong, without flooding the log under a storm."""
+
+    def __init__(self, per_interval: int = 20, interval: float = 10.0):
+        self.per_interval, self.interval = per_interval, interval
+        self.window_start, self.shown, self.suppressed = 0.0, 0, 0
+
+    def __call__(self, where: str, rejected: Rejected) -> None:
+        now = time.monotonic()
+        if now - self.window_start > self.interval:
+            if self.suppressed:
+                log.warning("%d more rejected lines not shown", self.suppressed)
+            self.window_start, self.shown, self.suppressed = now, 0, 0
+        if self.shown < self.per_interval:
+            self.shown += 1
+            log.warning("rejected %s: %s: %s", where, rejected.reason, rejected.detail)
+        else:
+            self.suppressed += 1
+
+
+class FileTailer:
+    """Reads new complete lines from every watched file and hands them to the sink."""
+
+    def __init__(
+        self,
+        watches: Sequence[Watch],
+        sink: Sink,
+        *,
+        max_line_bytes: int = 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+        on_rotated_gone: Callable[[Tracked], None] | None = None,
+    ):
+        self.watches = list(watches)
+        self.sink = sink
+        self.max_line_bytes = max_line_bytes
+        self.clock = clock
+        self.on_rotated_gone = on_rotated_gone
+        self.files: dict[str, Tracked] = {}
+        self._saved: dict[str, dict[str, Any]] = {}
+        self._reject_log = RejectLog()
+        for w in self.watches:
+            sink.add_source(w.source)
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def positions(self) -> list[dict[str, Any]]:
+        """Read positions (call with the sink's lock held, beside the metric dump)."""
+        live = [t.position() for t in self.files.values()]
+        keys = {f"{p['dev']}:{p['ino']}" for p in live}
+        # Saved positions of files not seen yet this run stay until their file shows up.
+        return live + [p for k, p in self._saved.items() if k not in keys]
+
+    def restore(self, positions: Sequence[dict[str, Any]]) -> None:
+        self._saved = {f"{p['dev']}:{p['ino']}": dict(p) for p in positions}
+
+    # --- polling -------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """One pass over every watch; returns the number of lines consumed."""
+        total = 0
+        for w in self.watches:
+            seen = self._discover(w)
+            for t in [t for t in self.files.values() if t.source == w.source]:
+                if t.key not in seen and t.gone_since is None:
+                    t.gone_since = self.clock()
+                total += self._read(t)
+                if t.gone_since is not None and self.clock() - t.gone_since > ROTATED_GRACE_SECONDS:
+                    self._forget(t)
+        return total
+
+    def _discover(self, w: Watch) -> set[str]:
+        seen: set[str] = set()
+        try:
+            paths = sorted(glob.glob(w.pattern))
+            up = os.path.isdir(os.path.dirname(w.pattern) or ".") or bool(paths)
+        except OSError as exc:
+            log.error("source %s: cannot list %s: %s", w.source, w.pattern, exc)
+            self.sink.source_status(w.source, False)
+            return seen
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.error("source %s: cannot stat %s: %s", w.source, path, exc)
+                up = False
+                continue
+            if not os.path.isfile(path):
+                continue
+            key = f"{st.st_dev}:{st.st_ino}"
+            seen.add(key)
+            t = self.files.get(key)
+            if t is not None:
+                t.path = path
+                t.gone_since = None
+                continue
+            try:
+                self._open(w.source, path, st)
+            except OSError as exc:
+                log.error("source %s: cannot open %s: %s", w.source, path, exc)
+                up = False
+        self.sink.source_status(w.source, up)
+        return seen
+
+    def _open(self, source: str, path: str, st: os.stat_result) -> None:
+        fh = open(path, "rb")  # noqa: SIM115 - kept open to follow the file across renames
+        t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
+        saved = self._saved.pop(t.key, None)
+        if saved is not None and saved.get("source") == source:
+            fp_len = int(saved.get("fp_len", 0))
+            if fp_len and _fingerprint(fh, fp_len) != saved.get("fingerprint"):
+                log.info("%s: inode reused by a new file; reading it from the start", path)
+            else:
+                t.offset = int(saved["offset"])
+                t.line = int(saved.get("line", 0))
+                t.fingerprint, t.fp_len = saved.get("fingerprint", ""), fp_len
+                t.skipping = bool(saved.get("skipping", False))
+        self.files[t.key] = t
+
+    def _forget(self, t: Tracked) -> None:
+        if t.fh is not None:
+            t.fh.close()
+        del self.files[t.key]
+        if self.on_rotated_gone is not None:
+            self.on_rotated_gone(t)
+
+    def close(self) -> None:
+        for t in self.files.values():
+            if t.fh is not None:
+                t.fh.close()
+                t.fh = None
+
+    def _read(self, t: Tracked) -> int:
+        fh = t.fh
+        assert fh is not None
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        except OSError as exc:
+            log.error("%s: %s", t.path, exc)
+            return 0
+        consumed = 0
+        with self.sink.lock:
+            if size < t.offset:
+                log.warning("%s: truncated (size %d < offset %d); reading from the start",
+                            t.path, size, t.offset)
+                t.offset, t.line, t.skipping, t.fp_len, t.fingerprint = 0, 0, False, 0, ""
+            if t.fp_len < FINGERPRINT_BYTES and size > t.fp_len:
+                t.fp_len = min(size, FINGERPRINT_BYTES)
+                t.fingerprint = _fingerprint(fh, t.fp_len)
+            while t.offset < size:
+                fh.seek(t.offset)
+                chunk = fh.read(min(max(READ_CHUNK, self.max_line_bytes + 1), size - t.offset))
+                if not chunk:
+                    break
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    # No complete line yet: wait, unless the line is already too long.
+                    if len(chunk) >= self.max_line_bytes or t.skipping:
+                        if not t.skipping:
+                            self._reject(t, t.line + 1, Rejected(
+                                "line_too_long", f"line longer than {self.max_line_bytes} bytes"))
+                        t.skipping = True
+                        t.offset += len(chunk)
+                        continue
+                    break
+                consumed += self._lines(t, chunk[: end + 1])
+                t.offset += end + 1
+        return consumed
+
+    def _lines(self, t: Tracked, data: bytes) -> int:
+        """Decode and apply complete lines (``data`` ends with a newline)."""
+        sink, source = self.sink, t.source
+        apply = sink.apply
+        ok = 0
+        last: Event | None = None
+        lines = data.split(b"\n")
+        lines.pop()  # empty after the final newline
+        first_line = t.line + 1
+        if t.skipping:
+            # The rest of an over-long line, already rejected.
+            lines[0] = b""
+            t.skipping = False
+        max_len = self.max_line_bytes
+        for i, line in enumerate(lines):
+            if len(line) > max_len:
+                self._reject(t, first_line + i, Rejected(
+                    "line_too_long", f"line longer than {max_len} bytes"))
+                continue
+            if not line or line.isspace():
+                continue
+            try:
+                ev = decode_event(line)
+            except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+                rej = decode_line(line)
+                assert isinstance(rej, Rejected)
+                self._reject(t, first_line + i, rej)
+                continue
+            apply(ev)
+            last = ev
+            ok += 1
+        t.line += len(lines)
+        if ok:
+            sink.accepted(source, ok, last.epoch() if last is not None else None)
+        return len(lines)
+
+    def _reject(self, t: Tracked, line_no: int, rej: Rejected) -> None:
+        self.sink.reject(t.source, rej.reason)
+        self._reject_log(f"{t.path}:{line_no}", rej)
+
+    def run(self, stop: threading.Event, interval: float,
+            after_poll: Callable[[], None] | None = None) -> None:
+        """Poll until ``stop`` is set; never raises (a failing pass is logged and retried)."""
+        while not stop.is_set():
+            try:
+                n = self.poll()
+                if after_poll is not None:
+                    after_poll()
+            except Exception:  # noqa: BLE001 - the ingest loop must survive anything
+                log.exception("file source pass failed; retrying")
+                n = 0
+            if not n:
+                stop.wait(interval)
