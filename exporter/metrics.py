@@ -26,6 +26,7 @@ from prometheus_client.samples import Sample
 
 from . import __version__
 from . import catalog as c
+from . import exposition as ex
 from .catalog import Kind, MetricSpec
 from .config import Config
 from .events import (
@@ -100,6 +101,11 @@ class MetricStore(Collector):
             Interaction: self._interaction,
         }
         self._static = list(self._config_families())
+        static: list[str] = []
+        for m in self._static:
+            ex.metric_lines(static, m)
+        self._static_text = "".join(static)
+        self._prefixes = ex.PrefixCache()
         self._precreate()
 
     # --- sink interface used by sources --------------------------------------------------
@@ -396,6 +402,29 @@ class MetricStore(Collector):
         yield from self._gauges()
         if self._tasks is not None:
             yield from _task_families(self._tasks)
+
+    def render_text(self) -> bytes:
+        """The same bytes ``generate_latest`` makes of ``collect()``, built faster."""
+        out: list[str] = []
+        cache = self._prefixes
+        with self.lock:
+            for name, series in self._counters.items():
+                ex.counter_lines(out, cache, c.BY_NAME[name], series)
+            for name, hseries in self._hists.items():
+                ex.histogram_lines(out, cache, c.BY_NAME[name], hseries.items())
+            for m in self._gauges():
+                ex.metric_lines(out, m)
+            snap = self._tasks
+        if snap is not None:
+            ex.counter_lines(out, cache, c.TASKS, snap.totals)
+            for spec, hs in ((c.TASK_DURATION, snap.duration.items()),
+                             (c.TASK_WAIT, (((k,), v) for k, v in snap.wait.items()))):
+                ex.histogram_lines(out, cache, spec,
+                                   ((k, [*d.buckets, d.sum, d.count]) for k, d in hs))
+            for m in list(_task_families(snap))[3:]:
+                ex.metric_lines(out, m)
+        out.append(self._static_text)
+        return "".join(out).encode()
 
     def _gauges(self) -> Iterator[Metric]:
         for spec, values in (

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 
 from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
@@ -111,7 +110,7 @@ class Exporter:
                 self.checkpointer.checkpoint()
             except OSError:
                 log.exception("cannot write state; serving anyway")
-            return generate_latest(self.registry)
+            return self.store.render_text()
 
     def _push(self, body: bytes) -> tuple[int, dict[str, Any]]:
         assert self.journal is not None
