@@ -34,7 +34,9 @@ def label_string(labels: Mapping[str, str]) -> str:
 
 def _fmt(v: float) -> str:
     # floatToGoString, minus its cost for the common case of small whole numbers.
-    if v.is_integer() and -1e15 < v < 1e15:
+    v = float(v)
+    # Go switches to exponents at 1e6, as floatToGoString does.
+    if v.is_integer() and -1e15 < v < 1e6:
         return f"{v:.1f}"
     return floatToGoString(v)
 

@@ -47,6 +47,8 @@ LabelValues = tuple[str, ...]
 HistState = list[float]
 
 STATE_VERSION = 1
+TASK_DB_SPECS = frozenset({c.TASKS, c.TASK_DURATION, c.TASK_WAIT})
+"""Served from the task database's latest snapshot, not from events."""
 
 
 def status_class(status: int | str | None) -> str:
@@ -79,10 +81,10 @@ class MetricStore(Collector):
         self.version = 0
         """Bumped by every change; the checkpointer compares it to know what is persisted."""
         self._counters: dict[str, dict[LabelValues, float]] = {
-            s.name: {} for s in c.ALL if s.kind is Kind.COUNTER
+            s.name: {} for s in c.ALL if s.kind is Kind.COUNTER and s not in TASK_DB_SPECS
         }
         self._hists: dict[str, dict[LabelValues, HistState]] = {
-            s.name: {} for s in c.ALL if s.kind is Kind.HISTOGRAM
+            s.name: {} for s in c.ALL if s.kind is Kind.HISTOGRAM and s not in TASK_DB_SPECS
         }
         self._bounds: dict[str, tuple[float, ...]] = {
             s.name: s.buckets for s in c.ALL if s.kind is Kind.HISTOGRAM

@@ -1,0 +1,119 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main as exporter_main
+from exporter.config import ConfigError, load_config, parse_config
+from tests.helpers import config_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config.json")
+    assert [a.name for a in cfg.agents][:1] == ["lead-qualifier"]
+    # Relative paths resolve against the config file's directory, not the working directory.
+    assert cfg.sources.event_logs[0].path == str(ROOT / "data/events/*.jsonl")
+    assert cfg.exporter.state_dir == str(ROOT / "data/state")
+    assert cfg.sources.task_db is not None
+    assert cfg.sources.task_db.url == f"sqlite:///{ROOT}/data/tasks.db"
+
+
+def test_defaults_fill_optional_sections() -> None:
+    cfg = parse_config({"agents": [{"name": "a"}], "task_types": [{"name": "t"}]})
+    assert cfg.sources.event_logs == () and cfg.sources.task_db is None
+    assert not cfg.sources.push.enabled
+    assert cfg.thresholds.agent_success_ratio_min == 0.9
+    assert cfg.exporter.listen == "127.0.0.1:9464"
+
+
+def _set(d: dict, path: str, value: object) -> dict:
+    keys = path.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur[int(k)] if isinstance(cur, list) else cur.setdefault(k, {})
+    if isinstance(cur, list):
+        cur[int(keys[-1])] = value
+    else:
+        cur[keys[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "location", "message"),
+    [
+        ("agents.0.success_objective", 1.5, "agents[0].success_objective",
+         "less than or equal to 1"),
+        ("agents.0.name", "has space", "agents[0].name", "should match pattern"),
+        ("agents.1.name", "lead-qualifier", "agents[1]", "duplicate name 'lead-qualifier'"),
+        ("agents.1.name", "other", "agents[1]", "'other' is reserved"),
+        ("task_types.0.target_seconds", -5, "task_types[0].target_seconds", "greater than 0"),
+        ("integrations.0.error_ratio_max", "high", "integrations[0].error_ratio_max",
+         "valid number"),
+        ("thresholds.agent_success_ratio_min", 2, "thresholds.agent_success_ratio_min",
+         "less than or equal to 1"),
+        ("thresholds.typo_ratio", 0.5, "thresholds.typo_ratio", "Extra inputs are not permitted"),
+        ("exporter.listen", "nowhere", "exporter.listen", "expected 'host:port'"),
+        ("scores.health", {"sources": 0.5}, "scores.health", "weights must sum to 1"),
+        ("sources.event_logs", [{"name": "push", "path": "x"}], "sources.event_logs[0].name",
+         "reserved for a built-in source"),
+        ("sources.task_db", {"table": "tasks"}, "sources.task_db.url", "Field required"),
+        ("tools", ["crm.search", "crm.search"], "tools[1]", "duplicate name"),
+        ("unknown_key", 1, "unknown_key", "Extra inputs are not permitted"),
+    ],
+)
+def test_errors_name_the_key(path: str, value: object, location: str, message: str) -> None:
+    d = _set(config_dict(), path, value)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(d, "config.json")
+    locs = dict(exc.value.errors)
+    assert location in locs, exc.value.errors
+    assert message in locs[location]
+    assert f"config.json: {location}: " in str(exc.value)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    d = config_dict()
+    d["agents"][0]["success_objective"] = 3
+    d["exporter"] = {"listen": "bad"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(d)
+    assert {loc for loc, _ in exc.value.errors} == {"agents[0].success_objective",
+                                                     "exporter.listen"}
+
+
+def test_not_json_names_line(tmp_path: Path) -> None:
+    p = tmp_path / "config.json"
+    p.write_text('{\n  "agents": [,]\n}')
+    with pytest.raises(ConfigError, match=r"not valid JSON: .*line 2"):
+        load_config(p)
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(config_dict()))
+    assert exporter_main(["--config", str(good), "--check-config"]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_set(config_dict(), "agents.0.success_objective", 7)))
+    assert exporter_main(["--config", str(bad), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "agents[0].success_objective" in err
+
+
+def test_push_enabled_without_token_stops_startup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("AICRM_INGEST_TOKEN", raising=False)
+    cfg = config_dict(sources={"push": {"enabled": True}},
+                      exporter={"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "s")})
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(cfg))
+    assert exporter_main(["--config", str(p)]) == 2
+    assert "sources.push.token_env" in capsys.readouterr().err
+
+
+def test_config_env_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "elsewhere.json"
+    p.write_text(json.dumps(config_dict()))
+    monkeypatch.setenv("AICRM_CONFIG", str(p))
+    assert load_config().agents[0].name == "lead-qualifier"
