@@ -9,7 +9,7 @@ run: setup
 	@scripts/run.sh
 
 generate: setup
-	$(PY) -m grafana.generate
+	$(PY) -m exporter.gendocs
 
 lint: setup
 	.venv/bin/ruff check .

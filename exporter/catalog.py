@@ -225,3 +225,12 @@ REJECT_REASONS = (
     "unknown_status",
     "bad_timestamps",
 )
+
+
+def markdown() -> str:
+    """docs/metrics.md's table, generated so the docs cannot drift from the code."""
+    rows = ["| name | type | labels | help |", "|---|---|---|---|"]
+    for m in ALL:
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
+        rows.append(f"| `{m.name}` | {m.kind.value} | {labels} | {m.help} |")
+    return "\n".join(rows) + "\n"

@@ -303,3 +303,9 @@ def test_load_rejects_unknown_version() -> None:
     store, _ = store_and_registry()
     with pytest.raises(ValueError, match="unsupported state version"):
         store.load({"version": 99})
+
+
+def test_metrics_doc_is_generated_from_the_catalog() -> None:
+    from exporter.gendocs import metrics_doc
+
+    assert (ROOT / "docs" / "metrics.md").read_text() == metrics_doc(), "run: make generate"
