@@ -120,8 +120,23 @@ def _classify(message: str) -> str:
     return "wrong_type"
 
 
+def utf8_error(line: bytes) -> Rejected | None:
+    """The decoder skips unknown fields without checking their text, so a line with invalid
+    UTF-8 there would pass; the contract rejects every line that is not UTF-8."""
+    if line.isascii():
+        return None
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejected("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
+    return None
+
+
 def decode_line(line: bytes) -> Event | Rejected:
     """Decode one event line (without its newline). Never raises on bad input."""
+    bad = utf8_error(line)
+    if bad is not None:
+        return bad
     try:
         return _decoder.decode(line)
     except msgspec.ValidationError as exc:

@@ -45,6 +45,7 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "aicrm-exporter"
         protocol_version = "HTTP/1.1"
+        timeout = 30  # seconds; an idle or stalled client does not hold a thread forever
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("%s %s", self.address_string(), format % args)
@@ -123,8 +124,18 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return 413, {"error": f"body larger than {h.max_body_bytes} bytes "
                                       "(sources.push.max_body_bytes)"}
+            encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+            if encoding not in ("identity", "gzip", "x-gzip"):
+                self.close_connection = True
+                return 415, {"error": f"unsupported Content-Encoding {encoding!r} "
+                                      "(use gzip or none)"}
             body = self.rfile.read(length)
-            if self.headers.get("Content-Encoding", "identity") == "gzip":
+            if len(body) != length:
+                # The client went away mid-body: its last line may be cut anywhere.
+                self.close_connection = True
+                return 400, {"error": f"body shorter than Content-Length ({len(body)} of "
+                                      f"{length} bytes)"}
+            if encoding != "identity":
                 try:
                     body = _gunzip(body, h.max_body_bytes)
                 except ValueError as exc:
@@ -137,14 +148,20 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
 def _gunzip(data: bytes, limit: int) -> bytes:
     import zlib
 
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise ValueError(f"body is not valid gzip: {exc}") from None
-    if len(out) > limit:
-        raise ValueError(f"decompressed body larger than {limit} bytes")
-    return out
+    out = bytearray()
+    while True:  # a gzip file may hold several members, one after the other
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise ValueError(f"body is not valid gzip: {exc}") from None
+        if len(out) > limit:
+            raise ValueError(f"decompressed body larger than {limit} bytes")
+        if not d.eof:
+            raise ValueError("body is not valid gzip: truncated")
+        data = d.unused_data
+        if not data:
+            return bytes(out)
 
 
 class Server:

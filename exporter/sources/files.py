@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
-from ..events import Event, Rejected, decode_event, decode_line
+from ..events import Event, Rejected, decode_event, decode_line, utf8_error
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def _fingerprint(fh: BinaryIO, length: int) -> str:
     return hashlib.blake2b(fh.read(length), digest_size=12).hexdigest()
 
 
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class RejectLog:
     """Says which file, line and field was wrong, without flooding the log under a storm."""
 
@@ -115,13 +125,11 @@ class FileTailer:
         *,
         max_line_bytes: int = 1024 * 1024,
         clock: Callable[[], float] = time.time,
-        on_rotated_gone: Callable[[Tracked], None] | None = None,
     ):
         self.watches = list(watches)
         self.sink = sink
         self.max_line_bytes = max_line_bytes
         self.clock = clock
-        self.on_rotated_gone = on_rotated_gone
         self.files: dict[str, Tracked] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         self._reject_log = RejectLog()
@@ -193,24 +201,39 @@ class FileTailer:
     def _open(self, source: str, path: str, st: os.stat_result) -> None:
         fh = open(path, "rb")  # noqa: SIM115 - kept open to follow the file across renames
         t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
-        saved = self._saved.pop(t.key, None)
+        saved = self._saved.get(t.key)
         if saved is not None and saved.get("source") == source:
             fp_len = int(saved.get("fp_len", 0))
-            if fp_len and _fingerprint(fh, fp_len) != saved.get("fingerprint"):
+            try:
+                fp = _fingerprint(fh, fp_len) if fp_len else ""
+            except OSError:
+                fh.close()
+                raise
+            if fp_len and fp != saved.get("fingerprint"):
                 log.info("%s: inode reused by a new file; reading it from the start", path)
             else:
                 t.offset = int(saved["offset"])
                 t.line = int(saved.get("line", 0))
                 t.fingerprint, t.fp_len = saved.get("fingerprint", ""), fp_len
                 t.skipping = bool(saved.get("skipping", False))
+        self._saved.pop(t.key, None)
         self.files[t.key] = t
 
     def _forget(self, t: Tracked) -> None:
+        """Let go of a file that left the glob; an unfinished last line will never be."""
         if t.fh is not None:
+            try:
+                pending = os.fstat(t.fh.fileno()).st_size - t.offset
+            except OSError:
+                pending = 0
+            if pending > 0 and not t.skipping:
+                with self.sink.lock:
+                    self._reject(t, t.line + 1, Rejected(
+                        "invalid_json", f"unfinished last line ({pending} bytes) in a file "
+                        "that was rotated away or deleted"))
+                    t.offset += pending
             t.fh.close()
         del self.files[t.key]
-        if self.on_rotated_gone is not None:
-            self.on_rotated_gone(t)
 
     def close(self) -> None:
         for t in self.files.values():
@@ -226,10 +249,22 @@ class FileTailer:
         except OSError as exc:
             log.error("%s: %s", t.path, exc)
             return 0
+        try:
+            return self._read_locked(t, fh, size)
+        except OSError as exc:
+            # Positions only move past applied lines, so the next pass resumes cleanly.
+            log.error("%s: %s", t.path, exc)
+            self.sink.source_status(t.source, False)
+            return 0
+
+    def _read_locked(self, t: Tracked, fh: BinaryIO, size: int) -> int:
         consumed = 0
         with self.sink.lock:
-            if size < t.offset:
-                log.warning("%s: truncated (size %d < offset %d); reading from the start",
+            if size < t.offset or (
+                # copytruncate followed by more writes than were read before the next pass
+                size > t.offset and t.fp_len and _fingerprint(fh, t.fp_len) != t.fingerprint
+            ):
+                log.warning("%s: truncated (size %d, offset %d); reading from the start",
                             t.path, size, t.offset)
                 t.offset, t.line, t.skipping, t.fp_len, t.fingerprint = 0, 0, False, 0, ""
             if t.fp_len < FINGERPRINT_BYTES and size > t.fp_len:
@@ -243,7 +278,7 @@ class FileTailer:
                 end = chunk.rfind(b"\n")
                 if end < 0:
                     # No complete line yet: wait, unless the line is already too long.
-                    if len(chunk) >= self.max_line_bytes or t.skipping:
+                    if len(chunk) > self.max_line_bytes or t.skipping:
                         if not t.skipping:
                             self._reject(t, t.line + 1, Rejected(
                                 "line_too_long", f"line longer than {self.max_line_bytes} bytes"))
@@ -269,12 +304,16 @@ class FileTailer:
             lines[0] = b""
             t.skipping = False
         max_len = self.max_line_bytes
+        check_utf8 = not _is_utf8(data)
         for i, line in enumerate(lines):
             if len(line) > max_len:
                 self._reject(t, first_line + i, Rejected(
                     "line_too_long", f"line longer than {max_len} bytes"))
                 continue
             if not line or line.isspace():
+                continue
+            if check_utf8 and (bad := utf8_error(line)) is not None:
+                self._reject(t, first_line + i, bad)
                 continue
             try:
                 ev = decode_event(line)

@@ -1,0 +1,564 @@
+"""JSONL event files: following, rotation, truncation, restarts and bad lines."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporter import catalog as c
+from exporter.config import parse_config
+from exporter.metrics import MetricStore
+from exporter.sources import files
+from exporter.sources.files import FileTailer, Watch
+from exporter.state import StateFile
+
+MAX_LINE = 1024
+SOURCE = "agent-logs"
+CONFIG: dict[str, Any] = {
+    "agents": [{"name": "qualifier"}, {"name": "writer"}],
+    "task_types": [{"name": "qualify_lead"}],
+    "integrations": [{"platform": "salesforce", "operations": ["query"]}],
+    "models": ["gpt-4o"],
+    "tools": ["crm.search"],
+    "channels": ["web"],
+}
+
+_ids = iter(range(1, 1_000_000))
+
+
+def event(**fields: Any) -> bytes:
+    """A valid task_result line (no newline); each one differs from the others."""
+    body: dict[str, Any] = {
+        "event": "task_result", "agent": "qualifier", "task_type": "qualify_lead",
+        "outcome": "success", "task_id": f"t-{next(_ids)}",
+    }
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+def lines(n: int, **fields: Any) -> bytes:
+    return b"".join(event(**fields) + b"\n" for _ in range(n))
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, pattern: str, clock: Clock, max_line_bytes: int = MAX_LINE):
+        self.pattern = pattern
+        self.clock = clock
+        self.max_line_bytes = max_line_bytes
+        self.store = MetricStore(parse_config(CONFIG))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.store)
+        self.tailer = self.new_tailer()
+
+    def new_tailer(self) -> FileTailer:
+        return FileTailer([Watch(SOURCE, self.pattern)], self.store,
+                          max_line_bytes=self.max_line_bytes, clock=self.clock)
+
+    def poll(self) -> int:
+        return self.tailer.poll()
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+    def results(self, agent: str = "qualifier", outcome: str = "success") -> float:
+        return self.value(c.AGENT_TASK_RESULTS.name, agent=agent, task_type="qualify_lead",
+                          outcome=outcome)
+
+    def accepted(self) -> float:
+        return self.value(c.SOURCE_EVENTS.name, source=SOURCE)
+
+    def rejected(self, reason: str) -> float:
+        return self.value(c.SOURCE_REJECTED.name, source=SOURCE, reason=reason)
+
+    def up(self) -> float | None:
+        return self.registry.get_sample_value(c.SOURCE_UP.name, {"source": SOURCE})
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for m in self.registry.collect() for s in m.samples
+        }
+
+    def checkpoint(self) -> dict[str, Any]:
+        with self.store.lock:
+            data = self.store.dump()
+            data["positions"] = self.tailer.positions()
+        return data
+
+
+@pytest.fixture
+def logs(tmp_path: Path) -> Path:
+    d = tmp_path / "logs"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def h(logs: Path, clock: Clock) -> Iterator[Harness]:
+    harness = Harness(str(logs / "*.jsonl"), clock)
+    yield harness
+    harness.tailer.close()
+
+
+# --- following -----------------------------------------------------------------------------
+
+
+def test_appended_lines_are_read_on_the_next_poll(h: Harness, logs: Path) -> None:
+    log = logs / "app.jsonl"
+    append(log, lines(3))
+    assert h.poll() == 3
+    assert h.results() == 3 and h.accepted() == 3
+    assert h.poll() == 0
+    append(log, lines(2, outcome="failure"))
+    h.poll()
+    assert (h.results(), h.results(outcome="failure"), h.accepted()) == (3, 2, 5)
+
+
+def test_new_matching_files_are_picked_up_and_others_ignored(h: Harness, logs: Path) -> None:
+    append(logs / "a.jsonl", lines(1))
+    h.poll()
+    append(logs / "b.jsonl", lines(2))
+    append(logs / "b.jsonl.1", lines(4))
+    append(logs / "notes.txt", lines(8))
+    (logs / "sub.jsonl").mkdir()
+    h.poll()
+    assert h.accepted() == 3
+    assert sorted(os.path.basename(t.path) for t in h.tailer.files.values()) == [
+        "a.jsonl", "b.jsonl"]
+
+
+def test_half_written_line_waits_for_its_newline(h: Harness, logs: Path) -> None:
+    log = logs / "app.jsonl"
+    whole = event()
+    append(log, lines(1) + whole[:25])
+    h.poll()
+    assert h.accepted() == 1
+    append(log, whole[25:])
+    h.poll()
+    assert h.accepted() == 1
+    append(log, b"\n")
+    h.poll()
+    h.poll()
+    assert h.accepted() == 2 and h.results() == 2
+    assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+
+
+def test_blank_lines_are_ignored_and_crlf_accepted(h: Harness, logs: Path) -> None:
+    append(logs / "app.jsonl", b"\n   \n" + event() + b"\r\n\r\n" + event() + b"\n")
+    h.poll()
+    assert h.accepted() == 2
+    assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+
+
+# --- rotation and truncation ---------------------------------------------------------------
+
+
+def test_rotation_by_rename_counts_every_line_once(
+    h: Harness, logs: Path, clock: Clock
+) -> None:
+    log, rotated = logs / "app.jsonl", logs / "app.jsonl.1"
+    writer = open(log, "ab")  # noqa: SIM115 - a writer that keeps its descriptor across rename
+    try:
+        writer.write(lines(2))
+        writer.flush()
+        h.poll()
+        os.rename(log, rotated)
+        writer.write(lines(1))  # late write by the old writer, into the renamed file
+        writer.flush()
+        append(log, lines(3, agent="writer"))
+        h.poll()
+        assert (h.results(), h.results("writer")) == (3, 3)
+        clock.now += files.ROTATED_GRACE_SECONDS - 1
+        writer.write(lines(1))  # still within the grace period
+        writer.flush()
+        h.poll()
+        assert h.results() == 4
+        clock.now += 2
+        h.poll()
+        assert [os.path.basename(t.path) for t in h.tailer.files.values()] == ["app.jsonl"]
+        writer.write(lines(1))  # after the grace period the renamed file is let go
+        writer.flush()
+    finally:
+        writer.close()
+    append(log, lines(1, agent="writer"))
+    h.poll()
+    h.poll()
+    assert (h.results(), h.results("writer"), h.accepted()) == (4, 4, 8)
+
+
+def test_rotation_within_the_glob_does_not_reread(logs: Path, clock: Clock) -> None:
+    h = Harness(str(logs / "*.jsonl*"), clock)
+    try:
+        log = logs / "app.jsonl"
+        append(log, lines(2))
+        h.poll()
+        os.rename(log, logs / "app.jsonl.1")
+        append(logs / "app.jsonl.1", lines(1))
+        append(log, lines(2, agent="writer"))
+        h.poll()
+        clock.now += files.ROTATED_GRACE_SECONDS * 3
+        h.poll()
+        assert (h.results(), h.results("writer")) == (3, 2)
+        os.rename(logs / "app.jsonl.1", logs / "app.jsonl.2")
+        os.rename(log, logs / "app.jsonl.1")
+        append(log, lines(1, agent="writer"))
+        h.poll()
+        h.poll()
+        assert (h.results(), h.results("writer"), h.accepted()) == (3, 3, 6)
+        assert len(h.tailer.files) == 3
+    finally:
+        h.tailer.close()
+
+
+def test_copytruncate_reads_the_new_content_once(h: Harness, logs: Path) -> None:
+    log = logs / "app.jsonl"
+    append(log, lines(3))
+    h.poll()
+    os.truncate(log, 0)
+    append(log, lines(1, agent="writer"))
+    h.poll()
+    h.poll()
+    assert (h.results(), h.results("writer")) == (3, 1)
+
+
+def test_copytruncate_then_more_bytes_than_before_is_still_noticed(
+    h: Harness, logs: Path
+) -> None:
+    log = logs / "app.jsonl"
+    append(log, lines(1))
+    h.poll()
+    os.truncate(log, 0)
+    append(log, lines(3, agent="writer"))
+    h.poll()
+    h.poll()
+    assert (h.results(), h.results("writer")) == (1, 3)
+    assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+
+
+# --- restarts ------------------------------------------------------------------------------
+
+
+def _restart(h: Harness, state_dir: Path, edit: Any = None) -> Harness:
+    """Checkpoint, stop, and resume from the saved state in a new store and tailer."""
+    state = StateFile(state_dir)
+    state.write(h.checkpoint())
+    h.tailer.close()
+    saved = state.read()
+    assert saved is not None
+    if edit is not None:
+        edit(saved["positions"])
+    h2 = Harness(h.pattern, h.clock, h.max_line_bytes)
+    h2.store.load(saved)
+    h2.tailer.restore(saved["positions"])
+    return h2
+
+
+def test_restart_neither_recounts_nor_skips(h: Harness, logs: Path, tmp_path: Path) -> None:
+    log = logs / "app.jsonl"
+    half = event()
+    append(log, lines(3) + half[:10])
+    append(logs / "other.jsonl", lines(1, agent="writer"))
+    h.poll()
+    h2 = _restart(h, tmp_path / "state")
+    try:
+        append(log, half[10:] + b"\n" + lines(1))  # written while the exporter was down
+        append(logs / "new.jsonl", lines(2, agent="writer"))
+        h2.poll()
+        assert (h2.results(), h2.results("writer"), h2.accepted()) == (5, 3, 8)
+        append(log, lines(1))
+        h2.poll()
+        assert (h2.results(), h2.accepted()) == (6, 9)
+    finally:
+        h2.tailer.close()
+
+
+def test_restart_keeps_positions_of_files_not_seen_yet(
+    logs: Path, tmp_path: Path, clock: Clock
+) -> None:
+    h = Harness(str(logs / "*.jsonl"), clock)
+    append(logs / "app.jsonl", lines(2))
+    h.poll()
+    h2 = _restart(h, tmp_path / "state")
+    h2.tailer.watches = []  # a run that does not get to this file before its next checkpoint
+    h3 = _restart(h2, tmp_path / "state")
+    try:
+        h3.poll()
+        assert h3.results() == 2
+    finally:
+        h3.tailer.close()
+
+
+def test_reused_inode_is_read_from_the_start(h: Harness, logs: Path, tmp_path: Path) -> None:
+    log = logs / "app.jsonl"
+    append(log, lines(3))
+    h.poll()
+
+    def other_file(positions: list[dict[str, Any]]) -> None:
+        (p,) = positions
+        p["fingerprint"] = "0" * len(p["fingerprint"])
+
+    h2 = _restart(h, tmp_path / "state", other_file)
+    try:
+        append(log, lines(1))
+        h2.poll()
+        assert h2.results() == 3 + 4
+    finally:
+        h2.tailer.close()
+
+
+# --- bad lines -----------------------------------------------------------------------------
+
+BAD_LINES = [
+    (b'{"event": "handoff", "from_agent": "qualifier\xff", "to_agent": "writer"}',
+     "invalid_utf8"),
+    (b"\xfe\xff\x00{}", "invalid_utf8"),
+    (b'{"event": "handoff", "from_agent": "qualifier", "to_agent": "writer", "x": "\xc3"}',
+     "invalid_utf8"),
+    (b'{"event": "task_result", "agent": "qualifier"', "invalid_json"),
+    (b"not json at all", "invalid_json"),
+    (b'{"event": "handoff", "from_agent": "qualifier", "to_agent": "writer"} {}',
+     "invalid_json"),
+    (b"[1, 2, 3]", "not_object"),
+    (b'"task_result"', "not_object"),
+    (b"42", "not_object"),
+    (b'{"event": "page_view", "agent": "qualifier"}', "unknown_event"),
+    (b'{"agent": "qualifier", "task_type": "qualify_lead", "outcome": "success"}',
+     "missing_field"),
+    (b'{"event": "task_result", "agent": "qualifier", "outcome": "success"}', "missing_field"),
+    (b'{"event": "llm_call", "agent": "qualifier"}', "missing_field"),
+    (b'{"event": 7}', "wrong_type"),
+    (b'{"event": "task_result", "agent": 1, "task_type": "qualify_lead", '
+     b'"outcome": "success"}', "wrong_type"),
+    (b'{"event": "llm_call", "agent": "qualifier", "model": "gpt-4o", '
+     b'"input_tokens": "12"}', "wrong_type"),
+    (b'{"event": "llm_call", "agent": "qualifier", "model": "gpt-4o", '
+     b'"input_tokens": 1.5}', "wrong_type"),
+    (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+     b'"outcome": "success", "ts": "yesterday"}', "wrong_type"),
+    (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+     b'"outcome": "success", "duration_ms": -5}', "out_of_range"),
+    (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+     b'"outcome": "success", "retries": -1}', "out_of_range"),
+    (b'{"event": "llm_call", "agent": "qualifier", "model": "gpt-4o", '
+     b'"cost_usd": -0.01}', "out_of_range"),
+    (b'{"event": "llm_call", "agent": "qualifier", "model": "gpt-4o", '
+     b'"output_tokens": -3}', "out_of_range"),
+    (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+     b'"outcome": "done"}', "out_of_range"),
+    (b'{"event": "interaction", "channel": "web", "type": "message", "rating": 6}',
+     "out_of_range"),
+    (b'{"event": "integration_call", "platform": "salesforce", "operation": "query", '
+     b'"status": 999}', "out_of_range"),
+    (b'{"event": "handoff", "from_agent": "", "to_agent": "writer"}', "out_of_range"),
+    (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+     b'"outcome": "success", "pad": "' + b"x" * MAX_LINE + b'"}', "line_too_long"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES,
+                         ids=[f"{i}-{r}" for i, (_, r) in enumerate(BAD_LINES)])
+def test_bad_line_is_rejected_by_reason_and_changes_nothing_else(
+    h: Harness, logs: Path, line: bytes, reason: str
+) -> None:
+    assert reason in c.REJECT_REASONS
+    log = logs / "app.jsonl"
+    append(log, lines(1))
+    h.poll()
+    before = h.samples()
+    append(log, line + b"\n")
+    h.poll()
+    after = h.samples()
+    key = (c.SOURCE_REJECTED.name, (("reason", reason), ("source", SOURCE)))
+    assert after[key] == before[key] + 1
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {key}
+    append(log, lines(1))
+    h.poll()
+    assert h.results() == 2 and h.rejected(reason) == 1
+
+
+def test_rejected_lines_are_logged_with_file_and_line_number(
+    h: Harness, logs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = logs / "app.jsonl"
+    with caplog.at_level(logging.WARNING, logger=files.__name__):
+        append(log, lines(1) + b"{oops\n" + lines(1) + b'{"event": "nope"}\n')
+        h.poll()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{log}:2: invalid_json" in m for m in messages)
+    assert any(f"{log}:4: unknown_event" in m for m in messages)
+    assert h.results() == 2
+
+
+def test_huge_line_with_its_newline_is_rejected_once(h: Harness, logs: Path) -> None:
+    append(logs / "app.jsonl", b"x" * (5 * MAX_LINE) + b"\n" + lines(1))
+    h.poll()
+    h.poll()
+    assert (h.rejected("line_too_long"), h.results()) == (1, 1)
+
+
+def test_huge_line_without_its_newline_is_rejected_once(h: Harness, logs: Path) -> None:
+    log = logs / "app.jsonl"
+    append(log, lines(1) + b'{"event": "task_result", "pad": "' + b"y" * MAX_LINE)
+    h.poll()
+    assert (h.rejected("line_too_long"), h.results()) == (1, 1)
+    append(log, b"z" * (3 * MAX_LINE))
+    h.poll()
+    append(log, b'"}')
+    h.poll()
+    assert h.rejected("line_too_long") == 1
+    append(log, b"\n" + lines(1))
+    h.poll()
+    h.poll()
+    assert (h.rejected("line_too_long"), h.results()) == (1, 2)
+    assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 1
+
+
+def test_half_written_line_of_exactly_the_limit_is_accepted(h: Harness, logs: Path) -> None:
+    log = logs / "app.jsonl"
+    start = event()[:-1] + b', "pad": "'
+    line = start + b"p" * (MAX_LINE - len(start) - 2) + b'"}'
+    assert len(line) == MAX_LINE
+    append(log, line)
+    h.poll()
+    append(log, b"\n")
+    h.poll()
+    assert (h.results(), h.rejected("line_too_long")) == (1, 0)
+
+
+def test_undeclared_label_values_become_other(h: Harness, logs: Path) -> None:
+    append(logs / "app.jsonl", lines(2, agent="ghost") + lines(1, task_type="mystery")
+           + b'{"event": "tool_call", "agent": "qualifier", "tool": "web.fetch"}\n')
+    h.poll()
+    other = h.value(c.AGENT_TASK_RESULTS.name, agent="other", task_type="qualify_lead",
+                    outcome="success")
+    assert other == 2
+    assert h.value(c.AGENT_TASK_RESULTS.name, agent="qualifier", task_type="other",
+                   outcome="success") == 1
+    assert h.value(c.AGENT_TOOL_CALLS.name, agent="qualifier", tool="other",
+                   outcome="success") == 1
+    assert h.value(c.LABEL_OVERFLOW.name, label="agent") == 2
+    assert h.value(c.LABEL_OVERFLOW.name, label="task_type") == 1
+    assert h.value(c.LABEL_OVERFLOW.name, label="tool") == 1
+    assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+
+
+# --- health and I/O errors -----------------------------------------------------------------
+
+
+def test_source_up_follows_the_directory(h: Harness, logs: Path, tmp_path: Path,
+                                         clock: Clock) -> None:
+    assert h.up() == 0  # declared before the first poll
+    h.poll()
+    assert h.up() == 1
+    missing = Harness(str(tmp_path / "missing" / "*.jsonl"), clock)
+    afile = tmp_path / "plain"
+    afile.write_text("x")
+    under_file = Harness(str(afile / "*.jsonl"), clock)
+    try:
+        missing.poll()
+        under_file.poll()
+        assert missing.up() == 0 and under_file.up() == 0
+        (tmp_path / "missing").mkdir()
+        append(tmp_path / "missing" / "late.jsonl", lines(1))
+        missing.poll()
+        assert missing.up() == 1 and missing.results() == 1
+    finally:
+        missing.tailer.close()
+        under_file.tailer.close()
+
+
+class FailingReads:
+    """A file handle whose reads fail like a disk or network filesystem error."""
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+
+    def fileno(self) -> int:
+        return int(self.fh.fileno())
+
+    def seek(self, *args: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def read(self, *args: Any) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def test_io_errors_never_escape_a_poll(h: Harness, logs: Path) -> None:
+    bad, good = logs / "a.jsonl", logs / "b.jsonl"
+    append(bad, lines(1))
+    append(good, lines(1, agent="writer"))
+    h.poll()
+    (tracked,) = [t for t in h.tailer.files.values() if t.path == str(bad)]
+    real = tracked.fh
+    tracked.fh = FailingReads(real)  # type: ignore[assignment]
+    append(bad, lines(2))
+    append(good, lines(2, agent="writer"))
+    h.poll()  # must not raise, and must still read the healthy file
+    assert (h.results(), h.results("writer")) == (1, 3)
+    tracked.fh = real
+    h.poll()
+    assert (h.results(), h.results("writer")) == (3, 3)
+    assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+
+
+def test_deleted_file_is_let_go_after_the_grace_period(
+    h: Harness, logs: Path, clock: Clock
+) -> None:
+    log = logs / "app.jsonl"
+    append(log, lines(1))
+    h.poll()
+    os.unlink(log)
+    h.poll()
+    clock.now += files.ROTATED_GRACE_SECONDS + 1
+    h.poll()
+    assert h.tailer.files == {} and h.up() == 1
+    assert h.tailer.positions() == []
+
+
+
+def test_unfinished_line_of_a_rotated_file_is_rejected_when_let_go(logs: Path,
+                                                                    clock: Clock) -> None:
+    h = Harness(str(logs / "*.jsonl"), clock)
+    path = logs / "a.jsonl"
+    path.write_bytes(lines(1) + b'{"event":"task_res')
+    h.poll()
+    path.rename(logs / "a.jsonl.1")
+    h.poll()
+    assert h.rejected("invalid_json") == 0  # a late write could still finish it
+    clock.now += files.ROTATED_GRACE_SECONDS + 1
+    h.poll()
+    assert h.rejected("invalid_json") == 1
+    assert h.accepted() == 1
+    assert h.tailer.files == {}
+    h.tailer.close()

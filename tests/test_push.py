@@ -1,0 +1,417 @@
+"""POST /v1/events on a real exporter: auth, limits, batches, the journal and restarts."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client import CollectorRegistry
+
+from exporter import catalog as c
+from exporter.config import ConfigError, parse_config
+from exporter.runtime import Exporter
+
+TOKEN = "s3cret-push-token"
+TOKEN_ENV = "AICRM_TEST_INGEST_TOKEN"
+MAX_BODY = 8192
+SEGMENT = 4096
+
+
+def config(state_dir: Path, **push: Any) -> dict[str, Any]:
+    return {
+        "agents": [{"name": "qualifier"}, {"name": "writer"}],
+        "task_types": [{"name": "qualify_lead"}],
+        "sources": {"push": {"enabled": True, "token_env": TOKEN_ENV,
+                             "max_body_bytes": MAX_BODY, **push}},
+        "exporter": {"listen": "127.0.0.1:0", "state_dir": str(state_dir),
+                     "poll_seconds": 0.02, "checkpoint_seconds": 0.05,
+                     "journal_segment_bytes": SEGMENT},
+    }
+
+
+class Running:
+    def __init__(self, exporter: Exporter, registry: CollectorRegistry):
+        self.exporter = exporter
+        self.registry = registry
+        self.url = f"http://127.0.0.1:{exporter.port}"
+        self.stopped = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.exporter.stop()
+
+    def push(self, body: bytes, token: str | None = TOKEN,
+             headers: dict[str, str] | None = None) -> requests.Response:
+        hdrs = {"Content-Type": "application/x-ndjson", **(headers or {})}
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        return requests.post(self.url + "/v1/events", data=body, headers=hdrs, timeout=10)
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+    def pushed(self) -> float:
+        return self.value(c.SOURCE_EVENTS.name, source="push")
+
+    def results(self, agent: str = "qualifier") -> float:
+        return self.value(c.AGENT_TASK_RESULTS.name, agent=agent, task_type="qualify_lead",
+                          outcome="success")
+
+    def rejected(self, reason: str) -> float:
+        return self.value(c.SOURCE_REJECTED.name, source="push", reason=reason)
+
+    def requests_by_code(self, code: int) -> float:
+        return self.value(c.PUSH_REQUESTS.name, code=str(code))
+
+    def wait_for(self, check: Callable[[], bool], timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, "condition not reached in time"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Running]]:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    running: list[Running] = []
+
+    def make(state_dir: Path | None = None, **push: Any) -> Running:
+        cfg = parse_config(config(state_dir or tmp_path / "state", **push))
+        registry = CollectorRegistry(auto_describe=False)
+        exporter = Exporter(cfg, registry=registry)
+        exporter.start()
+        r = Running(exporter, registry)
+        running.append(r)
+        return r
+
+    yield make
+    for r in running:
+        r.stop()
+
+
+@pytest.fixture
+def exp(start: Callable[..., Running]) -> Running:
+    return start()
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def event(agent: str = "qualifier", **fields: Any) -> bytes:
+    body = {"event": "task_result", "agent": agent, "task_type": "qualify_lead",
+            "outcome": "success", "task_id": f"t-{next(_ids)}", **fields}
+    return json.dumps(body).encode()
+
+
+def batch(n: int, agent: str = "qualifier") -> bytes:
+    return b"".join(event(agent) + b"\n" for _ in range(n))
+
+
+def journal_lines(state_dir: Path) -> list[bytes]:
+    out: list[bytes] = []
+    for seg in sorted((state_dir / "push").glob("journal-*.jsonl")):
+        out.extend(seg.read_bytes().splitlines())
+    return out
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", *, half_close: bool = False
+                ) -> tuple[int, dict[str, Any]]:
+    """One request over a plain socket, for what HTTP clients will not send."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head + body)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+# --- authentication and limits -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", ""])
+def test_missing_or_wrong_token_is_401_and_ingests_nothing(
+    exp: Running, tmp_path: Path, token: str | None
+) -> None:
+    r = exp.push(batch(2), token=token)
+    assert r.status_code == 401
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert "token" in r.json()["error"]
+    time.sleep(0.1)
+    assert journal_lines(tmp_path / "state") == []
+    assert exp.pushed() == 0 and exp.results() == 0
+    assert exp.requests_by_code(401) == 1
+
+
+def test_other_authorization_schemes_are_401(exp: Running) -> None:
+    r = exp.push(batch(1), token=None, headers={"Authorization": f"Basic {TOKEN}"})
+    assert r.status_code == 401
+
+
+def test_push_disabled_is_404(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    cfg = parse_config(config(tmp_path / "state", enabled=False))
+    exporter = Exporter(cfg, registry=CollectorRegistry(auto_describe=False))
+    exporter.start()
+    try:
+        r = requests.post(f"http://127.0.0.1:{exporter.port}/v1/events", data=batch(1),
+                          headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert r.status_code == 404 and "disabled" in r.json()["error"]
+        assert not (tmp_path / "state" / "push").exists()
+    finally:
+        exporter.stop()
+
+
+def test_push_enabled_without_its_token_variable_stops_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ConfigError, match=TOKEN_ENV):
+        Exporter(parse_config(config(tmp_path / "state")))
+
+
+def test_body_over_the_limit_is_413(exp: Running, tmp_path: Path) -> None:
+    body = batch(MAX_BODY // 90 + 10)
+    assert len(body) > MAX_BODY
+    r = exp.push(body)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+    assert journal_lines(tmp_path / "state") == []
+    assert exp.requests_by_code(413) == 1
+
+
+def test_missing_content_length_is_411(exp: Running) -> None:
+    head = (b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    code, body = raw_request(exp.exporter.port, head, batch(1), half_close=True)
+    assert code == 411 and "Content-Length" in body["error"]
+    assert exp.requests_by_code(411) == 1
+    assert exp.pushed() == 0
+
+
+def test_body_shorter_than_its_content_length_is_400(exp: Running, tmp_path: Path) -> None:
+    body = batch(1) + event()[:-1]  # the client died before the end of its body
+    head = (b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body) + 40).encode() + b"\r\n\r\n")
+    code, answer = raw_request(exp.exporter.port, head, body, half_close=True)
+    assert code == 400 and "Content-Length" in answer["error"]
+    assert journal_lines(tmp_path / "state") == []
+
+
+def test_gzip_body_is_accepted(exp: Running) -> None:
+    r = exp.push(gzip.compress(batch(3)), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json() == {"accepted": 3, "rejected": []}
+    exp.wait_for(lambda: exp.results() == 3)
+
+
+def test_multi_member_gzip_body_is_read_whole(exp: Running) -> None:
+    body = gzip.compress(batch(2)) + gzip.compress(batch(3))
+    r = exp.push(body, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["accepted"] == 5
+
+
+@pytest.mark.parametrize("body", [
+    b"this is not gzip at all",
+    gzip.compress(b"\n".join(event() for _ in range(5)) + b"\n")[:-12],  # cut short
+], ids=["garbage", "truncated"])
+def test_bad_gzip_is_400(exp: Running, tmp_path: Path, body: bytes) -> None:
+    r = exp.push(body, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "gzip" in r.json()["error"]
+    assert journal_lines(tmp_path / "state") == []
+    assert exp.requests_by_code(400) == 1
+
+
+def test_gzip_that_inflates_over_the_limit_is_413(exp: Running) -> None:
+    body = gzip.compress(b"\n" * (MAX_BODY * 4))
+    assert len(body) < MAX_BODY
+    r = exp.push(body, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and "larger" in r.json()["error"]
+
+
+def test_unsupported_content_encoding_is_415(exp: Running) -> None:
+    r = exp.push(batch(1), headers={"Content-Encoding": "br"})
+    assert r.status_code == 415 and "br" in r.json()["error"]
+    assert exp.pushed() == 0
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+def test_mixed_batch_accepts_the_good_lines_and_names_the_bad(
+    exp: Running, tmp_path: Path
+) -> None:
+    body = b"\n".join([
+        event(),
+        b"{oops",
+        event("writer"),
+        b'{"event": "page_view"}',
+        b"",
+        event("writer") + b"\r",
+        b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+        b'"outcome": "success", "duration_ms": -1}',
+        b'{"event": "handoff", "from_agent": "qualifier", "to_agent": "writer", "x": "\xff"}',
+        event(),
+    ])
+    r = exp.push(body)
+    assert r.status_code == 200
+    answer = r.json()
+    assert answer["accepted"] == 4
+    assert [(x["line"], x["reason"]) for x in answer["rejected"]] == [
+        (2, "invalid_json"), (4, "unknown_event"), (7, "out_of_range"), (8, "invalid_utf8"),
+    ]
+    assert all(isinstance(x["error"], str) and x["error"] for x in answer["rejected"])
+    assert "duration_ms" in answer["rejected"][2]["error"]
+    assert len(journal_lines(tmp_path / "state")) == 4
+    exp.wait_for(lambda: exp.pushed() == 4)
+    assert (exp.results(), exp.results("writer")) == (2, 2)
+    for reason in ("invalid_json", "unknown_event", "out_of_range", "invalid_utf8"):
+        assert exp.rejected(reason) == 1
+    assert exp.requests_by_code(200) == 1
+    text = requests.get(exp.url + "/metrics", timeout=10).text
+    assert 'aicrm_source_events_total{source="push"} 4.0\n' in text
+
+
+def test_all_bad_batch_is_400_and_counted(exp: Running, tmp_path: Path) -> None:
+    r = exp.push(b"[1]\n" + b'{"event": "handoff", "from_agent": "qualifier"}\n')
+    assert r.status_code == 400
+    answer = r.json()
+    assert answer["accepted"] == 0 and answer["error"]
+    assert [(x["line"], x["reason"]) for x in answer["rejected"]] == [
+        (1, "not_object"), (2, "missing_field")]
+    assert exp.rejected("not_object") == 1 and exp.rejected("missing_field") == 1
+    assert journal_lines(tmp_path / "state") == []
+    assert exp.requests_by_code(400) == 1
+
+
+def test_too_long_line_in_a_batch_is_rejected(start: Callable[..., Running]) -> None:
+    exp = start()
+    long_line = event(pad="x" * (1024 * 1024 + 1))
+    r = requests.post(exp.url + "/v1/events", data=long_line + b"\n" + event(),
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert r.status_code == 413  # larger than max_body_bytes, before any line is read
+    exp.stop()
+    exp = start(max_body_bytes=4 * 1024 * 1024)
+    r = exp.push(long_line + b"\n" + event())
+    assert r.status_code == 200
+    assert r.json()["rejected"][0]["reason"] == "line_too_long"
+    exp.wait_for(lambda: exp.results() == 1)
+
+
+# --- the journal ---------------------------------------------------------------------------
+
+
+def test_accepted_lines_are_in_the_journal_before_the_answer(
+    exp: Running, tmp_path: Path
+) -> None:
+    lines = [event() for _ in range(3)]
+    r = exp.push(b"\n".join(lines) + b"\n")
+    assert r.status_code == 200
+    assert journal_lines(tmp_path / "state") == lines
+
+
+def test_segments_roll_over_and_read_ones_are_deleted(exp: Running, tmp_path: Path) -> None:
+    push_dir = tmp_path / "state" / "push"
+    total = 0
+    for _ in range(8):
+        assert exp.push(batch(20)).status_code == 200  # about 2 kB a batch
+        total += 20
+    exp.wait_for(lambda: exp.pushed() == total)
+    exp.wait_for(lambda: len(list(push_dir.glob("journal-*.jsonl"))) == 1)
+    (current,) = push_dir.glob("journal-*.jsonl")
+    assert int(current.stem.removeprefix("journal-")) >= 4  # 16 kB in 4 kB segments
+    assert current.stat().st_size < SEGMENT + 2 * 1024
+    time.sleep(0.2)
+    assert exp.results() == total
+
+
+def test_restart_neither_loses_nor_double_counts(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    exp = start(state_dir)
+    for _ in range(5):
+        assert exp.push(batch(15)).status_code == 200
+    exp.wait_for(lambda: exp.pushed() == 75)
+    assert exp.push(batch(10, "writer")).status_code == 200
+    exp.stop()  # right after the answer: the tailer may not have read this batch yet
+
+    exp2 = start(state_dir)
+    exp2.wait_for(lambda: exp2.results("writer") == 10)
+    assert exp2.results() == 75
+    assert exp2.push(batch(5)).status_code == 200
+    exp2.wait_for(lambda: exp2.results() == 80)
+    time.sleep(0.2)
+    assert (exp2.results(), exp2.results("writer"), exp2.pushed()) == (80, 10, 90)
+    exp2.stop()
+
+    exp3 = start(state_dir)
+    time.sleep(0.2)
+    assert (exp3.results(), exp3.results("writer"), exp3.pushed()) == (80, 10, 90)
+
+
+# --- other endpoints -----------------------------------------------------------------------
+
+
+def test_health_and_readiness(exp: Running) -> None:
+    r = requests.get(exp.url + "/healthz", timeout=10)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    exp.wait_for(lambda: requests.get(exp.url + "/readyz", timeout=10).status_code == 200)
+    body = requests.get(exp.url + "/readyz", timeout=10).json()
+    assert body["status"] == "ok" and body["sources"] == {"push": 1.0}
+
+
+def test_readiness_is_503_while_a_source_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    raw = config(tmp_path / "state")
+    raw["sources"]["event_logs"] = [{"name": "logs", "path": str(tmp_path / "nope" / "*.jsonl")}]
+    exporter = Exporter(parse_config(raw), registry=CollectorRegistry(auto_describe=False))
+    exporter.start()
+    try:
+        url = f"http://127.0.0.1:{exporter.port}"
+        time.sleep(0.1)
+        r = requests.get(url + "/readyz", timeout=10)
+        assert r.status_code == 503
+        assert r.json()["status"] == "degraded" and r.json()["sources"]["logs"] == 0
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        exporter.stop()
+
+
+def test_unknown_paths_are_404_json(exp: Running) -> None:
+    for method in ("GET", "POST"):
+        r = requests.request(method, exp.url + "/nope", timeout=10)
+        assert r.status_code == 404
+        assert r.headers["Content-Type"] == "application/json"
+        assert "/nope" in r.json()["error"]
+
+
+def test_metrics_endpoint_serves_the_exposition(exp: Running) -> None:
+    r = requests.get(exp.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    gz = requests.get(exp.url + "/metrics", headers={"Accept-Encoding": "gzip"}, timeout=10)
+    assert gz.headers["Content-Encoding"] == "gzip"
+
+
+def test_push_requests_are_counted_by_code(exp: Running) -> None:
+    assert exp.push(batch(1)).status_code == 200
+    assert exp.push(batch(1)).status_code == 200
+    assert exp.push(b"nope\n").status_code == 400
+    assert exp.push(batch(1), token="bad").status_code == 401
+    assert exp.push(b"x" * (MAX_BODY + 1)).status_code == 413
+    got = {code: exp.requests_by_code(code) for code in (200, 400, 401, 413, 404)}
+    assert got == {200: 2, 400: 1, 401: 1, 413: 1, 404: 0}
