@@ -172,6 +172,8 @@ class TaskDbSource(_Model):
     columns: TaskDbColumns = TaskDbColumns()
     poll_seconds: PositiveFloat = 5.0
     timeout_seconds: PositiveFloat = 10.0
+    lookback_seconds: PositiveFloat = 120.0
+    """How late (in finished_at time) a commit may arrive and still be counted once."""
     url_env: str | None = None
     """If set, the URL is read from this environment variable (keeps passwords out of files)."""
 

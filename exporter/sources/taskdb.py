@@ -1,0 +1,522 @@
+"""The task database source: the ``tasks`` table, read incrementally into ``TaskDbSnapshot``s.
+
+One aggregate read at start gives true totals, so a restart rebuilds the numbers Prometheus
+already saw. Afterwards a poll reads only rows whose ``finished_at`` lies above a *floor* that
+trails the newest ``finished_at`` by ``lookback_seconds``; the ids read above the floor are
+remembered, so a late commit is counted once and re-reading the window counts nothing twice.
+Whether a row is valid, why it is rejected and which histogram bucket it falls in is decided by
+one SQL expression shared by both reads, so both reads agree to the row. docs/task-db.md has
+the full argument and the indexes it relies on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    Float,
+    and_,
+    case,
+    cast,
+    create_engine,
+    extract,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.sql.elements import ColumnElement
+
+from .. import catalog
+from ..config import TaskDbSource
+from ..events import HistogramData, TaskDbSnapshot
+from ..labels import LabelSets
+from ..tasks_schema import STATUSES, tasks_table
+
+log = logging.getLogger(__name__)
+
+SOURCE = "task_db"
+UNASSIGNED = "unassigned"
+"""``agent`` label of terminal tasks that never had an agent (e.g. cancelled while queued)."""
+AGGREGATE_TIMEOUT_FACTOR = 10
+"""The start-up aggregate scans the whole table, so it gets this many statement timeouts."""
+
+_OK = "ok"
+_OPEN = "open"
+_DURATION_BOUNDS = catalog.TASK_DURATION.buckets
+_WAIT_BOUNDS = catalog.TASK_WAIT.buckets
+
+
+class Sink(Protocol):
+    """Where the reader delivers typed data; ``exporter.metrics.MetricStore`` is one."""
+
+    def task_snapshot(self, snap: TaskDbSnapshot) -> None: ...
+
+    def source_status(self, source: str, up: bool) -> None: ...
+
+    def reject(self, source: str, reason: str, n: int = 1) -> None: ...
+
+    def overflow(self, label: str, n: int = 1) -> None: ...
+
+    def accepted(self, source: str, n: int, newest_ts: float | None) -> None: ...
+
+
+# --- SQL ------------------------------------------------------------------------------------
+
+
+def _seconds(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
+    """``end - start`` in seconds, computed by the database so both reads round alike."""
+    if dialect == "postgresql":
+        return cast(extract("epoch", end - start), Float)
+    if dialect == "sqlite":
+        # julianday() keeps milliseconds; rounding removes the float noise of the subtraction.
+        return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
+    if dialect in ("mysql", "mariadb"):
+        return func.timestampdiff(literal_column("MICROSECOND"), start, end) / 1e6
+    if dialect == "mssql":
+        return func.datediff_big(literal_column("microsecond"), start, end) / 1e6
+    raise ValueError(
+        f"sources.task_db.url: the {dialect!r} dialect is not supported "
+        "(use postgresql, sqlite, mysql, mariadb or mssql)"
+    )
+
+
+def _bucket(dialect: str, value: ColumnElement[Any], bounds: Sequence[float], absent: Any) -> Any:
+    """Index of the first bound ``value`` is <= to (len(bounds) for +Inf); NULL when ``absent``."""
+    n = len(bounds)
+    if dialect == "postgresql":
+        # width_bucket() is left-closed; on negated values it counts the bounds >= value,
+        # which gives Prometheus' right-closed buckets in one call instead of n comparisons.
+        negated = ",".join(repr(-float(b)) for b in reversed(bounds))
+        thresholds: ColumnElement[Any] = literal_column(f"ARRAY[{negated}]::float8[]")
+        return case((absent, null()), else_=n - func.width_bucket(-value, thresholds))
+    whens = [(value <= b, i) for i, b in enumerate(bounds)]
+    return case((absent, null()), *whens, else_=n)
+
+
+class _Queries:
+    """Every statement the reader runs, built once for the mapped table and dialect."""
+
+    def __init__(self, settings: TaskDbSource, dialect: str) -> None:
+        t = tasks_table(settings.table, settings.columns)
+        self.table = t
+        c = t.c
+        status, started = c.status, c.started_at
+        dur = _seconds(dialect, started, c.finished_at)
+        wait = _seconds(dialect, c.created_at, started)
+        life = _seconds(dialect, c.created_at, c.finished_at)
+        not_started = started.is_(None)
+        reason = case(
+            (status.is_(None), "missing_field"),
+            (status.not_in(STATUSES), "unknown_status"),
+            (status.in_(catalog.OPEN_STATUSES), _OPEN),
+            (or_(c.task_type.is_(None), c.created_at.is_(None)), "missing_field"),
+            (and_(status == "completed", not_started), "missing_field"),
+            (and_(~not_started, or_(wait < 0, dur < 0)), "bad_timestamps"),
+            (and_(not_started, life < 0), "bad_timestamps"),
+            else_=_OK,
+        )
+        self.finished = c.finished_at
+        # One row as both reads see it: (id, task_type, agent, status, finished_at,
+        # reason, duration, wait, duration bucket, wait bucket).
+        self.row = select(
+            c.id, c.task_type, c.agent, status, c.finished_at,
+            reason.label("reason"),
+            case((not_started, null()), else_=dur).label("dur"),
+            case((not_started, null()), else_=wait).label("wait"),
+            _bucket(dialect, dur, _DURATION_BOUNDS, not_started).label("dur_b"),
+            _bucket(dialect, wait, _WAIT_BOUNDS, not_started).label("wait_b"),
+        ).where(c.finished_at.is_not(None))
+        self.newest = select(func.max(c.finished_at))
+        self.open = (
+            select(c.task_type, status, func.count(), func.min(c.created_at))
+            .where(status.in_(catalog.OPEN_STATUSES))
+            .group_by(c.task_type, status)
+        )
+        # Rows no finished_at scan will ever see, yet not open: reject them here.
+        self.unfinished_bad = select(c.id, status).where(
+            c.finished_at.is_(None), or_(status.is_(None), status.not_in(catalog.OPEN_STATUSES))
+        )
+
+    def aggregate(self, cutoff: datetime) -> Any:
+        rows = self.row.where(self.finished <= cutoff).subquery()
+        keys = (rows.c.task_type, rows.c.agent, rows.c.status, rows.c.reason, rows.c.dur_b,
+                rows.c.wait_b)
+        return select(*keys, func.count(), func.sum(rows.c.dur), func.sum(rows.c.wait)).group_by(
+            *keys
+        )
+
+    def rows_above(self, floor: datetime | None) -> Any:
+        return self.row if floor is None else self.row.where(self.finished > floor)
+
+    def window_count(self, floor: datetime | None, mark: datetime) -> Any:
+        q = select(func.count()).select_from(self.table).where(self.finished <= mark)
+        return q if floor is None else q.where(self.finished > floor)
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Hist:
+    buckets: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+    def add(self, bucket: int, total: float, n: int) -> None:
+        self.buckets[bucket] += n
+        self.sum += total
+        self.count += n
+
+    def freeze(self) -> HistogramData:
+        return HistogramData(tuple(self.buckets), self.sum, self.count)
+
+
+@dataclass(slots=True)
+class _Read:
+    """Everything one poll read; applied to the state only once every query succeeded."""
+
+    initial: bool = False
+    aggregate: list[Any] | None = None
+    newest: datetime | None = None
+    rows: list[Any] = field(default_factory=list)
+    full_window: bool = False
+    floor: datetime | None = None
+    open: list[Any] = field(default_factory=list)
+    unfinished_bad: list[Any] = field(default_factory=list)
+
+
+def _epoch(dt: datetime) -> float:
+    """Naive timestamps are UTC (DESIGN.md); aware ones carry their own offset."""
+    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _now_like(dt: datetime, now: float) -> datetime:
+    aware = datetime.fromtimestamp(now, UTC)
+    return aware if dt.tzinfo is not None else aware.replace(tzinfo=None)
+
+
+def _message(exc: BaseException) -> str:
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    first = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {first[0] if first else ''}"
+
+
+def _resolve_url(settings: TaskDbSource) -> str:
+    if settings.url_env:
+        url = os.environ.get(settings.url_env)
+        if not url:
+            raise ValueError(
+                f"sources.task_db.url_env: environment variable {settings.url_env} is not set"
+            )
+        return url
+    return settings.url
+
+
+def _engine(url: str, settings: TaskDbSource) -> Engine:
+    """An engine that gives up quickly: pre-ping, connect and statement timeouts."""
+    u = make_url(url)
+    backend, driver = u.get_backend_name(), u.get_driver_name()
+    args: dict[str, Any] = {}
+    timeout = settings.timeout_seconds
+    if backend == "postgresql" and driver in ("psycopg", "psycopg2"):
+        args = {
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "options": f"-c statement_timeout={int(timeout * 1000)}",
+            "application_name": "aicrm-exporter",
+        }
+    elif backend == "sqlite":
+        args = {"timeout": timeout}
+    elif backend in ("mysql", "mariadb"):
+        args = {"connect_timeout": max(1, math.ceil(timeout))}
+    return create_engine(url, pool_pre_ping=True, connect_args=args)
+
+
+class TaskDbReader:
+    """Polls the tasks table and hands each poll's snapshot to a ``Sink``."""
+
+    def __init__(
+        self,
+        settings: TaskDbSource,
+        labels: LabelSets,
+        sink: Sink,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._labels = labels
+        self._sink = sink
+        self._clock = clock
+        self._lookback = timedelta(seconds=settings.lookback_seconds)
+        url = _resolve_url(settings)
+        self._safe_url = make_url(url).render_as_string(hide_password=True)
+        self._engine = _engine(url, settings)
+        self._dialect = self._engine.dialect.name
+        self._q = _Queries(settings, self._dialect)
+
+        self._ready = False
+        """The start-up aggregate succeeded; from then on every poll is incremental."""
+        self._up: bool | None = None
+        self._floor: datetime | None = None
+        """Rows with finished_at at or below the floor are settled: never read again."""
+        self._mark: datetime | None = None
+        """Newest finished_at read so far, capped at now; rows above it are new."""
+        self._seen: dict[Any, datetime] = {}
+        """Ids read above the floor (counted or rejected), with the finished_at read."""
+        self._heap: list[tuple[datetime, Any]] = []
+        self._ahead: set[Any] = set()
+        """Seen ids whose finished_at is above the mark (clock skew, future dates)."""
+        self._unfinished_bad: set[Any] = set()
+
+        types, agents = labels.task_types.with_other(), labels.agents.with_other()
+        self._totals: dict[tuple[str, str, str], int] = {
+            (t, a, s): 0 for t in types for a in agents for s in catalog.TERMINAL_STATUSES
+        }
+        self._duration: dict[tuple[str, str], _Hist] = {
+            (t, a): self._new_hist(_DURATION_BOUNDS) for t in types for a in agents
+        }
+        self._wait: dict[str, _Hist] = {t: self._new_hist(_WAIT_BOUNDS) for t in types}
+
+    @staticmethod
+    def _new_hist(bounds: Sequence[float]) -> _Hist:
+        return _Hist([0] * (len(bounds) + 1))
+
+    # --- public ---------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        """One poll: the aggregate read if none has succeeded yet, then the incremental one.
+
+        Database errors mark the source down and keep the last snapshot; nothing is applied
+        unless every query of the poll succeeded, so a failed poll counts nothing.
+        """
+        now = self._clock()
+        started = time.monotonic()
+        try:
+            with self._engine.connect() as conn:
+                read = self._read(conn, now)
+        except (SQLAlchemyError, OSError) as exc:
+            # Start the next poll from fresh connections: a pooled one may point at a
+            # replaced SQLite file or a server that restarted.
+            self._engine.dispose()
+            self._set_up(False, exc)
+            return
+        first = not self._ready
+        self._apply(read, now)
+        if first:
+            log.info("task database %s: initial read took %.2fs",
+                     self._safe_url, time.monotonic() - started)
+        self._set_up(True)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every ``poll_seconds`` until ``stop`` is set; never raises."""
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.poll_once()
+                except Exception:
+                    log.exception("task database %s: unexpected error", self._safe_url)
+                    self._set_up(False)
+                elapsed = time.monotonic() - started
+                stop.wait(max(0.0, self._settings.poll_seconds - elapsed))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close pooled connections (the reader stays usable: a poll reconnects)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> TaskDbReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _read(self, conn: Connection, now: float) -> _Read:
+        q = self._q
+        read = _Read(floor=self._floor)
+        if not self._ready:
+            read.initial = True
+            newest = conn.execute(q.newest).scalar()
+            if newest is not None:
+                read.newest = min(newest, _now_like(newest, now))
+                read.floor = read.newest - self._lookback
+                pg = self._dialect == "postgresql"
+                ms = int(self._settings.timeout_seconds * 1000)
+                if pg:
+                    ms_agg = ms * AGGREGATE_TIMEOUT_FACTOR
+                    conn.execute(text(f"SET LOCAL statement_timeout = {ms_agg}"))
+                read.aggregate = list(conn.execute(q.aggregate(read.floor)))
+                if pg:
+                    conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
+            read.rows = list(conn.execute(q.rows_above(read.floor)))
+            read.full_window = True
+        elif self._mark is None:
+            read.rows = list(conn.execute(q.rows_above(self._floor)))
+            read.full_window = True
+        else:
+            in_window = conn.execute(q.window_count(self._floor, self._mark)).scalar_one()
+            # Anything but exactly the rows already seen: a late commit, a row still pending
+            # (open status with finished_at) or a deletion. Re-read the window then.
+            read.full_window = in_window != len(self._seen) - len(self._ahead)
+            floor = self._floor if read.full_window else self._mark
+            read.rows = list(conn.execute(q.rows_above(floor)))
+        read.open = list(conn.execute(q.open))
+        read.unfinished_bad = list(conn.execute(q.unfinished_bad))
+        return read
+
+    # --- applying -------------------------------------------------------------------------
+
+    def _apply(self, read: _Read, now: float) -> None:
+        rejects: Counter[str] = Counter()
+        overflow: Counter[str] = Counter()
+        counted = 0
+        newest: datetime | None = None
+
+        if read.initial:
+            for tt, ag, st, reason, dur_b, wait_b, n, dur_sum, wait_sum in read.aggregate or ():
+                if reason == _OK:
+                    self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n, overflow)
+                    counted += n
+                elif reason != _OPEN:
+                    rejects[reason] += n
+            newest = read.newest if counted else None
+            self._ready = True
+            self._floor = read.floor
+
+        fetched: set[Any] = set()
+        added: list[Any] = []
+        mark = self._mark
+        for id_, tt, ag, st, fin, reason, dur, wait, dur_b, wait_b in read.rows:
+            fetched.add(id_)
+            if mark is None or fin > mark:
+                mark = fin
+            if id_ in self._seen or reason == _OPEN:
+                continue
+            self._seen[id_] = fin
+            heapq.heappush(self._heap, (fin, id_))
+            added.append(id_)
+            if reason == _OK:
+                self._count(tt, ag, st, dur_b, dur, wait_b, wait, 1, overflow)
+                counted += 1
+                if newest is None or fin > newest:
+                    newest = fin
+            else:
+                rejects[reason] += 1
+        if read.full_window:
+            # Ids above the floor that are gone (deleted, reopened): forget them.
+            for id_ in [i for i in self._seen if i not in fetched]:
+                del self._seen[id_]
+                self._ahead.discard(id_)
+        self._advance(mark, now, added)
+
+        current: dict[Any, str] = {}
+        for id_, st in read.unfinished_bad:
+            current[id_] = "unknown_status" if st is not None and st not in STATUSES \
+                else "missing_field"
+        for id_, reason in current.items():
+            if id_ not in self._unfinished_bad:
+                rejects[reason] += 1
+        self._unfinished_bad = set(current)
+
+        for reason, n in sorted(rejects.items()):
+            self._sink.reject(SOURCE, reason, n)
+        for label, n in sorted(overflow.items()):
+            self._sink.overflow(label, n)
+        if counted:
+            self._sink.accepted(SOURCE, counted, None if newest is None else _epoch(newest))
+        self._sink.task_snapshot(self._snapshot(read.open, now))
+
+    def _advance(self, mark: datetime | None, now: float, added: Iterable[Any]) -> None:
+        """Move the mark (capped at now) and the floor behind it; forget settled ids."""
+        if mark is None:
+            return
+        mark = min(mark, _now_like(mark, now))
+        if self._mark is not None and mark < self._mark:
+            mark = self._mark
+        self._mark = mark
+        floor = mark - self._lookback
+        if self._floor is None or floor > self._floor:
+            self._floor = floor
+        heap, seen = self._heap, self._seen
+        while heap and heap[0][0] <= self._floor:
+            fin, id_ = heapq.heappop(heap)
+            if seen.get(id_) == fin:
+                del seen[id_]
+        if len(heap) > 2 * len(seen) + 1024:
+            self._heap = [(f, i) for i, f in seen.items()]
+            heapq.heapify(self._heap)
+        self._ahead = {i for i in (*self._ahead, *added) if i in seen and seen[i] > mark}
+
+    def _count(
+        self, tt: str, ag: str | None, st: str, dur_b: int | None, dur: float | None,
+        wait_b: int | None, wait: float | None, n: int, overflow: Counter[str],
+    ) -> None:
+        types, agents = self._labels.task_types, self._labels.agents
+        if tt not in types:
+            overflow[types.label] += n
+        if ag is not None and ag not in agents:
+            overflow[agents.label] += n
+        t = types.map(tt)
+        a = UNASSIGNED if ag is None else agents.map(ag)
+        key = (t, a, st)
+        self._totals[key] = self._totals.get(key, 0) + n
+        if dur_b is not None and dur is not None:
+            h = self._duration.get((t, a))
+            if h is None:
+                h = self._duration[(t, a)] = self._new_hist(_DURATION_BOUNDS)
+            h.add(int(dur_b), float(dur), n)
+        if wait_b is not None and wait is not None:
+            self._wait[t].add(int(wait_b), float(wait), n)
+
+    def _snapshot(self, open_rows: Iterable[Any], now: float) -> TaskDbSnapshot:
+        types = self._labels.task_types
+        open_counts = {
+            (t, s): 0 for t in types.with_other() for s in catalog.OPEN_STATUSES
+        }
+        oldest = dict.fromkeys(types.with_other(), 0.0)
+        for tt, st, n, min_created in open_rows:
+            t = types.map(tt)
+            open_counts[(t, st)] += n
+            if min_created is not None:
+                oldest[t] = max(oldest[t], now - _epoch(min_created))
+        return TaskDbSnapshot(
+            totals=dict(self._totals),
+            duration={k: h.freeze() for k, h in self._duration.items()},
+            wait={k: h.freeze() for k, h in self._wait.items()},
+            open=open_counts,
+            oldest_open_age=oldest,
+        )
+
+    def _set_up(self, up: bool, exc: BaseException | None = None) -> None:
+        if up and self._up is False:
+            log.info("task database %s: reachable again", self._safe_url)
+        elif not up and self._up is not False:
+            why = _message(exc) if exc is not None else "unexpected error"
+            log.warning(
+                "task database %s unavailable (%s); serving the last values, retrying every %gs",
+                self._safe_url, why, self._settings.poll_seconds,
+            )
+        elif not up and exc is not None:
+            log.debug("task database %s still unavailable: %s", self._safe_url, _message(exc))
+        self._up = up
+        self._sink.source_status(SOURCE, up)
+
+
+__all__ = ["SOURCE", "UNASSIGNED", "Sink", "TaskDbReader"]

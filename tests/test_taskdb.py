@@ -1,0 +1,538 @@
+"""The task database source against real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Table, create_engine, text
+from sqlalchemy.engine import Engine
+
+from exporter import catalog
+from exporter.config import Config, TaskDbSource, parse_config
+from exporter.events import TaskDbSnapshot
+from exporter.labels import LabelSets
+from exporter.sources.taskdb import SOURCE, UNASSIGNED, TaskDbReader
+from exporter.tasks_schema import create_tasks_table
+from tests import servers
+
+NOW = datetime(2024, 6, 1, 12, 0, 0)
+"""Naive UTC, as the table stores it; the readers' clock is pinned here."""
+DURATION_BOUNDS = catalog.TASK_DURATION.buckets
+WAIT_BOUNDS = catalog.TASK_WAIT.buckets
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+def bucket(bounds: tuple[float, ...], value: float) -> int:
+    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+
+
+class FakeSink:
+    """Records what the reader delivers."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[TaskDbSnapshot] = []
+        self.status: list[bool] = []
+        self.rejected: Counter[str] = Counter()
+        self.overflowed: Counter[str] = Counter()
+        self.accepted_rows = 0
+        self.newest: float | None = None
+
+    @property
+    def snap(self) -> TaskDbSnapshot:
+        return self.snapshots[-1]
+
+    def task_snapshot(self, snap: TaskDbSnapshot) -> None:
+        self.snapshots.append(snap)
+
+    def source_status(self, source: str, up: bool) -> None:
+        assert source == SOURCE
+        self.status.append(up)
+
+    def reject(self, source: str, reason: str, n: int = 1) -> None:
+        assert source == SOURCE and reason in catalog.REJECT_REASONS
+        self.rejected[reason] += n
+
+    def overflow(self, label: str, n: int = 1) -> None:
+        self.overflowed[label] += n
+
+    def accepted(self, source: str, n: int, newest_ts: float | None) -> None:
+        self.accepted_rows += n
+        self.newest = newest_ts
+
+
+class Db:
+    """The tasks table of one test database, written the way an application would."""
+
+    def __init__(self, url: str, table: str = "tasks", columns: dict[str, str] | None = None,
+                 create: bool = True) -> None:
+        self.url = url
+        self.settings = TaskDbSource(url=url, table=table, columns=columns or {},
+                                     poll_seconds=0.05, timeout_seconds=2)
+        self.engine: Engine = create_engine(url)
+        self.table: Table | None = None
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        self.table = create_tasks_table(self.engine, self.settings.table, self.settings.columns)
+
+    def insert(self, *rows: dict[str, Any]) -> None:
+        assert self.table is not None
+        full = [{"agent": None, "started_at": None, "finished_at": None, "created_at": ago(600),
+                 **r} for r in rows]
+        with self.engine.begin() as conn:
+            conn.execute(self.table.insert(), full)
+
+    def update(self, id_: str, **values: Any) -> None:
+        assert self.table is not None
+        with self.engine.begin() as conn:
+            conn.execute(self.table.update().where(self.table.c.id == id_).values(**values))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+AUTO = -1.0
+
+
+def done(id_: str, status: str = "completed", *, task_type: str = "qualify_lead",
+         agent: str | None = "lead-qualifier", created: float = AUTO,
+         started: float | None = AUTO, finished: float = 400) -> dict[str, Any]:
+    """A terminal row; times are seconds before NOW (by default it waited 100 s, ran 100 s)."""
+    created = finished + 200 if created == AUTO else created
+    started = finished + 100 if started == AUTO else started
+    return {"id": id_, "task_type": task_type, "agent": agent, "status": status,
+            "created_at": ago(created), "started_at": None if started is None else ago(started),
+            "finished_at": ago(finished)}
+
+
+def open_row(id_: str, status: str = "queued", *, task_type: str = "qualify_lead",
+             created: float = 300, started: float | None = None) -> dict[str, Any]:
+    return {"id": id_, "task_type": task_type, "status": status, "created_at": ago(created),
+            "agent": None if started is None else "lead-qualifier",
+            "started_at": None if started is None else ago(started)}
+
+
+CONFIG: dict[str, Any] = {
+    "agents": [{"name": "lead-qualifier"}, {"name": "email-writer"}],
+    "task_types": [{"name": "qualify_lead"}, {"name": "write_email"}],
+}
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return parse_config(CONFIG)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def db(url: str) -> Iterator[Db]:
+    d = Db(url)
+    yield d
+    d.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW.replace(tzinfo=UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def reader(db: Db, cfg: Config, sink: Any, clock: Clock, **settings: Any) -> TaskDbReader:
+    s = db.settings.model_copy(update=settings)
+    return TaskDbReader(s, LabelSets.from_config(cfg), sink, clock=clock)
+
+
+def total(snap: TaskDbSnapshot, task_type: str = "qualify_lead", agent: str = "lead-qualifier",
+          status: str = "completed") -> int:
+    return snap.totals.get((task_type, agent, status), 0)
+
+
+def counted(snap: TaskDbSnapshot) -> int:
+    return sum(snap.totals.values())
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_initial_aggregate(db: Db, cfg: Config, clock: Clock) -> None:
+    db.insert(
+        done("c1", created=600, started=590, finished=560),  # wait 10, duration 30
+        done("c2", created=300, started=200, finished=199.5),  # wait 100, duration 0.5
+        done("f1", "failed", agent="email-writer", task_type="write_email", finished=100),
+        done("x1", "cancelled", agent=None, started=None, finished=50),
+        open_row("q1", created=900), open_row("q2", created=60),
+        open_row("r1", "running", task_type="write_email", created=120, started=100),
+    )
+    sink = FakeSink()
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+    snap = sink.snap
+    assert sink.status == [True]
+    assert total(snap) == 2
+    assert total(snap, "write_email", "email-writer", "failed") == 1
+    assert total(snap, "qualify_lead", UNASSIGNED, "cancelled") == 1
+    assert total(snap, "write_email", "other", "cancelled") == 0  # declared combinations exist
+    assert counted(snap) == 4 and sink.accepted_rows == 4
+    assert sink.newest == ago(50).replace(tzinfo=UTC).timestamp()
+
+    h = snap.duration[("qualify_lead", "lead-qualifier")]
+    assert h.count == 2 and h.sum == pytest.approx(30.5)
+    assert len(h.buckets) == len(DURATION_BOUNDS) + 1
+    assert h.buckets[bucket(DURATION_BOUNDS, 30)] == 1
+    assert h.buckets[bucket(DURATION_BOUNDS, 0.5)] == 1  # le="0.5" includes 0.5
+    w = snap.wait["qualify_lead"]
+    assert w.count == 2 and w.sum == pytest.approx(110)
+    assert w.buckets[bucket(WAIT_BOUNDS, 10)] == 1 and w.buckets[bucket(WAIT_BOUNDS, 100)] == 1
+    assert ("qualify_lead", UNASSIGNED) not in snap.duration  # never started: no duration
+
+    assert snap.open[("qualify_lead", "queued")] == 2
+    assert snap.open[("write_email", "running")] == 1
+    assert snap.open[("other", "running")] == 0
+    assert snap.oldest_open_age == {"qualify_lead": 900, "write_email": 120, "other": 0}
+    assert not sink.rejected and not sink.overflowed
+
+
+def test_incremental_open_to_counter_exactly_once(db: Db, cfg: Config, clock: Clock) -> None:
+    sink = FakeSink()
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+        assert counted(sink.snap) == 0
+        db.insert(open_row("t1", created=30))
+        r.poll_once()
+        assert sink.snap.open[("qualify_lead", "queued")] == 1
+        db.update("t1", status="running", agent="lead-qualifier", started_at=ago(20))
+        r.poll_once()
+        assert sink.snap.open[("qualify_lead", "queued")] == 0
+        assert sink.snap.open[("qualify_lead", "running")] == 1
+        assert counted(sink.snap) == 0
+        db.update("t1", status="completed", finished_at=ago(5))
+        for _ in range(3):
+            clock.now += 1
+            r.poll_once()
+            assert sink.snap.open[("qualify_lead", "running")] == 0
+            assert total(sink.snap) == 1
+        assert sink.snap.duration[("qualify_lead", "lead-qualifier")].count == 1
+        assert sink.snap.wait["qualify_lead"].sum == pytest.approx(10)
+        assert sink.accepted_rows == 1
+
+
+def test_late_commit_counted_once(db: Db, cfg: Config, clock: Clock) -> None:
+    sink = FakeSink()
+    db.insert(done("old", finished=3600))
+    with reader(db, cfg, sink, clock, lookback_seconds=120) as r:
+        r.poll_once()
+        db.insert(done("a", finished=10))
+        r.poll_once()
+        assert total(sink.snap) == 2
+        # Finished before the newest row already read, committed after it was read.
+        db.insert(done("late", finished=40), done("same-ts", finished=10))
+        r.poll_once()
+        assert total(sink.snap) == 4
+        for _ in range(3):
+            r.poll_once()
+        assert total(sink.snap) == 4
+        assert sink.accepted_rows == 4
+
+
+def test_window_reread_does_not_double_count(db: Db, cfg: Config, clock: Clock) -> None:
+    sink = FakeSink()
+    db.insert(done("a", finished=30), done("b", finished=20))
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+        # A row still open but with finished_at set keeps the window re-read every poll.
+        db.insert({**done("p", finished=15), "status": "running"})
+        db.update("a", agent="email-writer")  # a counted row changes: not counted again
+        for _ in range(3):
+            r.poll_once()
+        assert total(sink.snap) == 2 and counted(sink.snap) == 2
+        db.update("p", status="failed")
+        r.poll_once()
+        r.poll_once()
+        assert total(sink.snap, status="failed") == 1 and counted(sink.snap) == 3
+        assert sink.snap.open[("qualify_lead", "running")] == 0
+
+
+def test_restart_gives_same_values(db: Db, cfg: Config, clock: Clock) -> None:
+    db.insert(done("a", finished=5000), done("b", "failed", finished=3000),
+              done("c", agent="ghost", task_type="ghost-type", finished=100),
+              done("bad", started=700, finished=100), open_row("q"))
+    first = FakeSink()
+    with reader(db, cfg, first, clock) as r:
+        r.poll_once()
+        db.insert(done("d", finished=50), done("e", "cancelled", agent=None, started=None,
+                                                finished=40))
+        db.update("q", status="running", agent="lead-qualifier", started_at=ago(30))
+        r.poll_once()
+        db.insert(done("late", finished=60))
+        r.poll_once()
+    second = FakeSink()
+    with reader(db, cfg, second, clock) as r:
+        r.poll_once()
+    a, b = first.snap, second.snap
+    assert a.totals == b.totals and counted(a) == 6
+    assert a.open == b.open and a.oldest_open_age == b.oldest_open_age
+    for got, want in ((a.duration, b.duration), (a.wait, b.wait)):
+        assert got.keys() == want.keys()
+        for k in got:
+            assert got[k].buckets == want[k].buckets and got[k].count == want[k].count
+            assert got[k].sum == pytest.approx(want[k].sum)
+    assert first.rejected == second.rejected == {"bad_timestamps": 1}
+    assert first.overflowed == second.overflowed == {"agent": 1, "task_type": 1}
+    assert first.accepted_rows == second.accepted_rows == 6
+
+
+def test_table_and_column_mapping(url: str, cfg: Config, clock: Clock) -> None:
+    columns = {"id": "task_uuid", "task_type": "kind", "agent": "worker", "status": "state",
+               "created_at": "enqueued", "started_at": "begun", "finished_at": "ended",
+               "workflow": None}
+    d = Db(url, table="agent_jobs", columns=columns)
+    try:
+        d.insert(done("a"), done("b", "failed", finished=20), open_row("q"))
+        with d.engine.connect() as conn:
+            names = set(conn.execute(text("SELECT * FROM agent_jobs")).keys())
+        assert {"task_uuid", "kind", "worker", "state", "enqueued", "begun", "ended"} == names
+        sink = FakeSink()
+        with reader(d, cfg, sink, clock) as r:
+            r.poll_once()
+            d.insert(done("c", finished=10))
+            r.poll_once()
+        assert total(sink.snap) == 2 and total(sink.snap, status="failed") == 1
+        assert sink.snap.open[("qualify_lead", "queued")] == 1
+    finally:
+        d.close()
+
+
+def test_bad_rows_rejected_by_reason_once(db: Db, cfg: Config, clock: Clock) -> None:
+    db.insert(
+        done("unknown-finished", "exploded", finished=300),
+        {**open_row("unknown-open"), "status": "paused"},
+        done("finished-before-start", started=100, finished=200),
+        done("started-before-created", created=100, started=200, finished=50),
+        done("completed-never-started", started=None, finished=100),
+        {**done("terminal-no-finish"), "finished_at": None},
+        done("good"),
+    )
+    sink = FakeSink()
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+        assert sink.rejected == {"unknown_status": 2, "bad_timestamps": 2, "missing_field": 2}
+        db.insert(done("late-bad", started=10, finished=20), {**open_row("odd"), "status": "x"})
+        for _ in range(3):
+            r.poll_once()
+        assert sink.rejected == {"unknown_status": 3, "bad_timestamps": 3, "missing_field": 2}
+    assert counted(sink.snap) == 1
+    assert sum(sink.snap.open.values()) == 0
+
+
+def test_undeclared_labels_become_other_and_count_once(db: Db, cfg: Config,
+                                                       clock: Clock) -> None:
+    db.insert(done("a", agent="mystery", finished=50), open_row("q", task_type="mystery-type"))
+    sink = FakeSink()
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+        db.insert(done("b", agent="mystery", task_type="mystery-type", finished=10))
+        r.poll_once()
+        r.poll_once()
+    assert total(sink.snap, agent="other") == 1
+    assert total(sink.snap, "other", "other") == 1
+    assert sink.snap.open[("other", "queued")] == 1
+    assert sink.overflowed == {"agent": 2, "task_type": 1}
+
+
+def test_table_missing_then_created(url: str, cfg: Config, clock: Clock,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="exporter.sources.taskdb")
+    d = Db(url, create=False)
+    try:
+        sink = FakeSink()
+        with reader(d, cfg, sink, clock) as r:
+            r.poll_once()
+            r.poll_once()
+            assert sink.status == [False, False] and not sink.snapshots
+            assert sum("unavailable" in m for m in caplog.messages) == 1
+            d.create()
+            d.insert(done("a"))
+            r.poll_once()
+        assert sink.status[-1] is True and total(sink.snap) == 1
+        assert any("reachable again" in m for m in caplog.messages)
+    finally:
+        d.close()
+
+
+def test_run_stops_promptly_and_leaves_no_connection(db: Db, cfg: Config, clock: Clock) -> None:
+    db.insert(done("a"))
+    sink = FakeSink()
+    r = reader(db, cfg, sink, clock)
+    stop = threading.Event()
+    before = threading.active_count()
+    t = threading.Thread(target=r.run, args=(stop,))
+    t.start()
+    deadline = time.monotonic() + 10
+    while len(sink.snapshots) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(5)
+    assert not t.is_alive() and threading.active_count() == before
+    assert total(sink.snap) == 1
+    assert r._engine.pool.checkedout() == 0
+
+
+def test_through_the_metric_store(db: Db, cfg: Config, clock: Clock) -> None:
+    from exporter.metrics import MetricStore
+
+    store = MetricStore(cfg, clock=clock)
+    registry = CollectorRegistry()
+    registry.register(store)
+    store.add_source(SOURCE)
+    db.insert(done("a", created=600, started=590, finished=560), done("b", "failed"),
+              open_row("q"), done("bad", started=10, finished=20))
+    with TaskDbReader(db.settings, store.labels, store, clock=clock) as r:
+        r.poll_once()
+    get = registry.get_sample_value
+    labels = {"task_type": "qualify_lead", "agent": "lead-qualifier"}
+    assert get("aicrm_tasks_total", {**labels, "status": "completed"}) == 1
+    assert get("aicrm_tasks_total", {**labels, "status": "failed"}) == 1
+    assert get("aicrm_tasks_total", {**labels, "status": "cancelled"}) == 0
+    assert get("aicrm_task_duration_seconds_bucket", {**labels, "le": "30.0"}) == 1
+    assert get("aicrm_task_duration_seconds_count", labels) == 2
+    assert get("aicrm_tasks_open", {"task_type": "qualify_lead", "status": "queued"}) == 1
+    assert get("aicrm_task_oldest_open_age_seconds", {"task_type": "qualify_lead"}) == 300
+    assert get("aicrm_source_up", {"source": SOURCE}) == 1
+    assert get("aicrm_source_events_total", {"source": SOURCE}) == 2
+    assert get("aicrm_source_rejected_events_total",
+               {"source": SOURCE, "reason": "bad_timestamps"}) == 1
+
+
+# --- PostgreSQL only: a server that stops, restarts, stalls; timestamptz ----------------------
+
+
+def test_postgres_down_and_back(tmp_path: Path, cfg: Config, clock: Clock,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    """Stop the server mid-run: source down, last values kept; start it again: recovery."""
+    caplog.set_level(logging.INFO, logger="exporter.sources.taskdb")
+    server = servers.start_postgres(tmp_path)
+    restarted: servers.ProcessHandle | None = None
+    d = Db(server.create_database("tasks"))
+    try:
+        d.insert(done("a"), open_row("q"))
+        sink = FakeSink()
+        with reader(d, cfg, sink, clock) as r:
+            r.poll_once()
+            assert sink.status == [True] and total(sink.snap) == 1
+            served = len(sink.snapshots)
+
+            d.engine.dispose()
+            assert server.process is not None
+            argv = list(server.process.args)  # type: ignore[arg-type]
+            os.kill(server.pid, signal.SIGINT)  # fast shutdown; the data directory stays
+            server.process.wait(30)
+            started = time.monotonic()
+            r.poll_once()
+            r.poll_once()
+            assert time.monotonic() - started < 10
+            assert sink.status[1:] == [False, False] and len(sink.snapshots) == served
+            assert sum("unavailable" in m for m in caplog.messages) == 1
+
+            restarted = servers.ProcessHandle("postgres-again", tmp_path).start(
+                argv, cwd=Path("/"), user=servers._postgres_os_user(),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"},
+                ready_check=servers.tcp_ok(server.port),
+            )
+            deadline = time.monotonic() + 30
+            while sink.status[-1] is not True and time.monotonic() < deadline:
+                time.sleep(0.2)
+                r.poll_once()
+            assert sink.status[-1] is True
+            d.insert(done("b", finished=10))
+            d.update("q", status="cancelled", finished_at=ago(5))
+            r.poll_once()
+            assert total(sink.snap) == 2 and total(sink.snap, UNASSIGNED, status="cancelled") == 0
+            assert total(sink.snap, agent=UNASSIGNED, status="cancelled") == 1
+            assert sink.snap.open[("qualify_lead", "queued")] == 0
+        assert any("reachable again" in m for m in caplog.messages)
+    finally:
+        d.close()
+        if restarted is not None:
+            restarted.stop()
+        server.stop()
+
+
+def test_postgres_slow_query_times_out(pg_url: str, cfg: Config, clock: Clock) -> None:
+    d = Db(pg_url)
+    try:
+        d.insert(done("a"))
+        sink = FakeSink()
+        with reader(d, cfg, sink, clock, timeout_seconds=0.5) as r:
+            r.poll_once()
+            with d.engine.connect() as blocker:
+                blocker.execute(text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"))
+                started = time.monotonic()
+                r.poll_once()
+                assert time.monotonic() - started < 5
+                assert sink.status == [True, False] and total(sink.snap) == 1
+                blocker.rollback()
+            d.insert(done("b", finished=10))
+            r.poll_once()
+        assert sink.status[-1] is True and total(sink.snap) == 2
+    finally:
+        d.close()
+
+
+def test_postgres_timestamptz_columns(pg_url: str, cfg: Config, clock: Clock) -> None:
+    d = Db(pg_url)
+    try:
+        with d.engine.begin() as conn:
+            for col in ("created_at", "started_at", "finished_at"):
+                conn.execute(text(f"ALTER TABLE tasks ALTER COLUMN {col} TYPE timestamptz "
+                                  f"USING {col} AT TIME ZONE 'UTC'"))
+        tz = timezone(timedelta(hours=2))
+
+        def aware(seconds: float) -> datetime:
+            return ago(seconds).replace(tzinfo=UTC).astimezone(tz)
+
+        d.insert({"id": "a", "task_type": "qualify_lead", "agent": "lead-qualifier",
+                  "status": "completed", "created_at": aware(600), "started_at": aware(590),
+                  "finished_at": aware(560)},
+                 {"id": "q", "task_type": "qualify_lead", "status": "queued",
+                  "created_at": aware(240)})
+        sink = FakeSink()
+        with reader(d, cfg, sink, clock) as r:
+            r.poll_once()
+            d.insert({"id": "b", "task_type": "qualify_lead", "agent": "lead-qualifier",
+                      "status": "completed", "created_at": aware(60), "started_at": aware(50),
+                      "finished_at": aware(20)})
+            r.poll_once()
+        assert total(sink.snap) == 2
+        assert sink.snap.duration[("qualify_lead", "lead-qualifier")].sum == pytest.approx(60)
+        assert sink.snap.oldest_open_age["qualify_lead"] == pytest.approx(240)
+        assert sink.newest == pytest.approx(ago(20).replace(tzinfo=UTC).timestamp())
+    finally:
+        d.close()
