@@ -28,7 +28,7 @@ from ..events import Event, Rejected, decode_event, decode_line, utf8_error
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES = 256
-READ_CHUNK = 4 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
 ROTATED_GRACE_SECONDS = 5.0
 """How long a file that left the glob (renamed or deleted) is still watched for late writes."""
 
@@ -258,6 +258,8 @@ class FileTailer:
             return 0
 
     def _read_locked(self, t: Tracked, fh: BinaryIO, size: int) -> int:
+        """Read up to ``size``; the sink's lock is taken per chunk, so a scrape waits for at
+        most one chunk even while a large backlog is being read."""
         consumed = 0
         with self.sink.lock:
             if size < t.offset or (
@@ -270,12 +272,14 @@ class FileTailer:
             if t.fp_len < FINGERPRINT_BYTES and size > t.fp_len:
                 t.fp_len = min(size, FINGERPRINT_BYTES)
                 t.fingerprint = _fingerprint(fh, t.fp_len)
-            while t.offset < size:
-                fh.seek(t.offset)
-                chunk = fh.read(min(max(READ_CHUNK, self.max_line_bytes + 1), size - t.offset))
-                if not chunk:
-                    break
-                end = chunk.rfind(b"\n")
+        read_size = max(READ_CHUNK, self.max_line_bytes + 1)
+        while t.offset < size:
+            fh.seek(t.offset)
+            chunk = fh.read(min(read_size, size - t.offset))
+            if not chunk:
+                break
+            end = chunk.rfind(b"\n")
+            with self.sink.lock:
                 if end < 0:
                     # No complete line yet: wait, unless the line is already too long.
                     if len(chunk) > self.max_line_bytes or t.skipping:
