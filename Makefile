@@ -17,6 +17,7 @@ lint: setup
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

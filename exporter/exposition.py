@@ -78,7 +78,8 @@ def header(spec: MetricSpec) -> str:
 
 
 def counter_lines(out: list[str], cache: PrefixCache, spec: MetricSpec,
-                  series: Mapping[tuple[str, ...], float]) -> None:
+                  series: Mapping[tuple[str, ...], float] | Mapping[tuple[str, str, str], int]
+                  ) -> None:
     out.append(header(spec))
     for key, v in series.items():
         out.append(cache.simple(spec, key))

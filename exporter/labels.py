@@ -6,6 +6,7 @@ caller counts overflows (``aicrm_label_overflow_total{label}``); this module onl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .catalog import OTHER_VALUE
@@ -51,8 +52,8 @@ class LabelSets:
 
     @classmethod
     def from_config(cls, cfg: Config) -> LabelSets:
-        def s(label: str, values: object) -> LabelSet:
-            return LabelSet(label, frozenset(values))  # type: ignore[arg-type]
+        def s(label: str, values: Iterable[str]) -> LabelSet:
+            return LabelSet(label, frozenset(values))
 
         return cls(
             agents=s("agent", (a.name for a in cfg.agents)),

@@ -547,11 +547,12 @@ def _task_families(snap: TaskDbSnapshot) -> Iterator[Metric]:
     yield m
     yield _histogram(c.TASK_DURATION, snap.duration.items())
     yield _histogram(c.TASK_WAIT, (((k,), v) for k, v in snap.wait.items()))
-    m = Metric(c.TASKS_OPEN.name, c.TASKS_OPEN.help, "gauge")
-    for key, v in snap.open.items():
-        m.samples.append(Sample(m.name, dict(zip(c.TASKS_OPEN.labels, key, strict=True)), v))
-    yield m
-    m = Metric(c.TASK_OLDEST_OPEN_AGE.name, c.TASK_OLDEST_OPEN_AGE.help, "gauge")
-    for task_type, v in snap.oldest_open_age.items():
-        m.samples.append(Sample(m.name, {"task_type": task_type}, v))
-    yield m
+    open_ = Metric(c.TASKS_OPEN.name, c.TASKS_OPEN.help, "gauge")
+    for okey, n in snap.open.items():
+        open_.samples.append(
+            Sample(open_.name, dict(zip(c.TASKS_OPEN.labels, okey, strict=True)), n))
+    yield open_
+    age = Metric(c.TASK_OLDEST_OPEN_AGE.name, c.TASK_OLDEST_OPEN_AGE.help, "gauge")
+    for task_type, seconds in snap.oldest_open_age.items():
+        age.samples.append(Sample(age.name, {"task_type": task_type}, seconds))
+    yield age

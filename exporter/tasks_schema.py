@@ -5,6 +5,8 @@ Used by the task database source to read, and by the simulator and tests to crea
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Column, DateTime, Index, MetaData, String, Table
 from sqlalchemy.engine import Engine
 
@@ -17,7 +19,7 @@ def tasks_table(name: str = "tasks", columns: TaskDbColumns | None = None,
                 metadata: MetaData | None = None) -> Table:
     c = columns or TaskDbColumns()
     schema, _, table = name.rpartition(".")
-    cols = [
+    cols: list[Column[Any]] = [
         Column(c.id, String(64), primary_key=True, key="id"),
         Column(c.task_type, String(64), nullable=False, key="task_type"),
         Column(c.agent, String(64), nullable=True, key="agent"),

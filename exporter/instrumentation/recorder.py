@@ -232,11 +232,12 @@ class Instrumentation:
         task_type: str,
         outcome: str,
         *,
+        task_id: str | int | None = None,
         duration_ms: float | None = None,
         retries: int | None = None,
         workflow: str | None = None,
     ) -> None:
-        """An agent finished a task. ``workflow`` is accepted for parity; it is not a label."""
+        """An agent finished a task. ``task_id`` and ``workflow`` are never labels."""
         _one_of("outcome", outcome, c.OUTCOMES)
         seconds = _duration("duration_ms", duration_ms)
         retries = _count("retries", retries)
@@ -367,11 +368,14 @@ class Instrumentation:
 
     def record(self, event: Event) -> None:
         """Record a typed event from ``exporter.events`` (the model both paths share)."""
-        self._record[type(event)](event)
+        record = self._record.get(type(event))
+        if record is None:
+            raise TypeError(f"not an event: {event!r}")
+        record(event)
 
     def _record_task_result(self, e: TaskResult) -> None:
         self.task_result(
-            e.agent, e.task_type, e.outcome,
+            e.agent, e.task_type, e.outcome, task_id=e.task_id,
             duration_ms=e.duration_ms, retries=e.retries, workflow=e.workflow,
         )
 
