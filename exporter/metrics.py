@@ -150,6 +150,11 @@ class MetricStore(Collector):
         with self.lock:
             self._source_up[source] = 1.0 if up else 0.0
 
+    def source_states(self) -> dict[str, bool]:
+        """Each source's last known state, for /readyz."""
+        with self.lock:
+            return {source: up == 1.0 for source, up in self._source_up.items()}
+
     def push_request(self, code: int) -> None:
         with self.lock:
             self._cinc(c.PUSH_REQUESTS, (str(code),), 1)

@@ -58,6 +58,7 @@ class Exporter:
         self.state = StateFile(cfg.exporter.state_dir)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
+        self._last_checkpoint = 0.0
 
         push = cfg.sources.push
         self.push_token: str | None = None
@@ -125,9 +126,8 @@ class Exporter:
         return 200, result.as_dict()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        with self.store.lock:
-            up = dict(self.store._source_up)
-        return all(v == 1.0 for v in up.values()), {"sources": up}
+        states = self.store.source_states()
+        return all(states.values()), {"sources": {k: int(v) for k, v in states.items()}}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -147,8 +147,6 @@ class Exporter:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
         self.threads.append(t)
-
-    _last_checkpoint = 0.0
 
     def _periodic(self) -> None:
         now = time.monotonic()
