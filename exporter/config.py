@@ -319,6 +319,30 @@ def parse_config(data: Any, source: str = "config") -> Config:
         raise ConfigError(source, _errors_from(exc)) from None
 
 
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "AICRM_PROMETHEUS_URL": ("api", "prometheus_url"),
+    "AICRM_REDIS_URL": ("api", "redis_url"),
+    "AICRM_EXPORTER_LISTEN": ("exporter", "listen"),
+    "AICRM_STATE_DIR": ("exporter", "state_dir"),
+}
+"""Settings that differ per deployment (containers, shards) without a second config file."""
+
+
+def apply_env_overrides(data: dict[str, Any], env: dict[str, str] | None = None
+                        ) -> dict[str, str]:
+    """Put set override variables into the raw config; returns {location: variable}."""
+    env = dict(os.environ) if env is None else env
+    applied = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if value:
+            sect = data.setdefault(section, {})
+            if isinstance(sect, dict):
+                sect[key] = value
+                applied[f"{section}.{key}"] = var
+    return applied
+
+
 def default_config_path() -> str:
     return os.environ.get("AICRM_CONFIG") or "config.json"
 
@@ -336,7 +360,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(
             str(p), [("", f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")]
         ) from None
-    cfg = parse_config(data, str(p))
+    from_env = apply_env_overrides(data) if isinstance(data, dict) else {}
+    try:
+        cfg = parse_config(data, str(p))
+    except ConfigError as exc:
+        exc.errors[:] = [
+            (loc, f"{msg} (set by ${from_env[loc]})" if loc in from_env else msg)
+            for loc, msg in exc.errors
+        ]
+        raise ConfigError(str(p), exc.errors) from None
     return resolve_paths(cfg, p.resolve().parent)
 
 

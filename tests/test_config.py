@@ -117,3 +117,17 @@ def test_config_env_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     p.write_text(json.dumps(config_dict()))
     monkeypatch.setenv("AICRM_CONFIG", str(p))
     assert load_config().agents[0].name == "lead-qualifier"
+
+
+def test_environment_overrides_deployment_settings(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict()))
+    monkeypatch.setenv("AICRM_PROMETHEUS_URL", "http://victoriametrics:8428")
+    monkeypatch.setenv("AICRM_EXPORTER_LISTEN", "0.0.0.0:9464")
+    cfg = load_config(p)
+    assert cfg.api.prometheus_url == "http://victoriametrics:8428"
+    assert cfg.exporter.listen == "0.0.0.0:9464"
+    monkeypatch.setenv("AICRM_EXPORTER_LISTEN", "nowhere")
+    with pytest.raises(ConfigError, match=r"exporter.listen: .*\(set by \$AICRM_EXPORTER_LISTEN\)"):
+        load_config(p)
