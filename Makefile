@@ -10,6 +10,7 @@ run: setup
 
 generate: setup
 	$(PY) -m exporter.gendocs
+	$(PY) -m grafana.generate
 
 lint: setup
 	.venv/bin/ruff check .

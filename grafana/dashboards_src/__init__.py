@@ -1,0 +1,1 @@
+"""One module per dashboard; each exposes `build() -> Dashboard` and its panels as functions."""

@@ -1,0 +1,255 @@
+"""Executive: what the agents deliver and cost, against the previous period, in plain words.
+
+Every figure covers the dashboard's time range and is compared with the range just before
+it (same length), so "last 7 days" reads against the 7 days before. Totals are the range's
+mean of the recorded 1h rates times its length.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import bargauge, stat, table, timeseries
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+
+from grafana import common as c
+
+AG = 'agent=~"$agent"'
+
+
+def _over_range(series: str, total: bool, previous: bool = False) -> str:
+    offset = " offset $__range" if previous else ""
+    expr = f"avg_over_time({series}[$__range]{offset})"
+    return f"{expr} * $__range_s" if total else expr
+
+
+def _kpi(
+    title: str,
+    description: str,
+    unit: str,
+    series: str,
+    *,
+    total: bool = False,
+    relative: bool = True,
+    scale: str = "",
+    limit: str = "",
+    above_is_bad: bool = False,
+) -> stat.Panel:
+    """A headline number for the range, its change against the previous range, and
+    (with limit) its colour against a config.json threshold or objective."""
+    current = _over_range(series, total) + scale
+    previous = _over_range(series, total, previous=True) + scale
+    if relative:
+        change, change_unit = f"({current}) / (({previous}) > 0) - 1", c.RATIO
+        change_text = "relative change"
+    else:
+        change, change_unit = f"({current}) - ({previous})", unit
+        change_text = "change in points"
+    targets = [c.instant(current, "current"), c.instant(change, "vs previous period", "B")]
+    if limit:
+        targets.append(c.instant(limit, "threshold", c.THRESHOLD_REF))
+    panel = (
+        c.stat_panel(
+            title,
+            f"{description} Second value: {change_text} against the previous period.",
+            unit,
+            targets,
+            width=6,
+            height=5,
+        )
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .override_by_query("B", c.change_override(change_unit))
+    )
+    if limit:
+        panel = c.threshold_from_query(panel, above_is_bad=above_is_bad, apply_to="A")
+    return panel
+
+
+def tasks_automated() -> stat.Panel:
+    return _kpi(
+        "Tasks automated",
+        "Tasks the agents completed in the period (task database).",
+        c.COUNT,
+        "global:aicrm_tasks_completed:rate1h",
+        total=True,
+    ).decimals(0)
+
+
+def completion_ratio() -> stat.Panel:
+    return _kpi(
+        "Task completion",
+        "Share of finished tasks that completed rather than failed or were cancelled; red "
+        "below the task_completion_ratio objective.",
+        c.RATIO,
+        "global:aicrm_tasks:completed_ratio_rate1h",
+        relative=False,
+        limit=c.objective("task_completion_ratio"),
+    )
+
+
+def success_ratio() -> stat.Panel:
+    return _kpi(
+        "Agent success",
+        "Share of the agents' task results that succeeded; red below agent_success_ratio_min.",
+        c.RATIO,
+        "global:aicrm_agent_task_results:success_ratio_rate1h",
+        relative=False,
+        limit=c.threshold("agent_success_ratio_min", matchers='agent=""'),
+    )
+
+
+def hours_saved() -> stat.Panel:
+    return _kpi(
+        "Estimated hours saved",
+        "Completed tasks times the minutes of human work one task of that type saves "
+        "(config.json `minutes_saved`).",
+        c.HOURS,
+        "global:aicrm_task_human_seconds_saved:rate1h",
+        total=True,
+        scale=" / 3600",
+    )
+
+
+def efficiency_score() -> stat.Panel:
+    return _kpi(
+        "Workflow efficiency",
+        "0-100 score of completion, success, speed and retries (weights in config.json).",
+        c.SCORE,
+        "global:aicrm_workflow_efficiency:score1h",
+        relative=False,
+    )
+
+
+def health_score() -> stat.Panel:
+    return _kpi(
+        "System health",
+        "0-100 score of sources, integrations, agents and backlog (weights in config.json).",
+        c.SCORE,
+        "global:aicrm_system_health:score",
+        relative=False,
+    )
+
+
+def spend() -> stat.Panel:
+    return _kpi(
+        "Model spend",
+        "What the agents' LLM calls cost in the period.",
+        c.USD,
+        "global:aicrm_agent_cost_usd:rate1h",
+        total=True,
+    )
+
+
+def cost_per_task() -> stat.Panel:
+    return _kpi(
+        "Cost per successful task",
+        "Model spend divided by successful task results; red above "
+        "cost_per_successful_task_max_usd.",
+        c.USD,
+        "global:aicrm_agent_cost_usd_per_successful_task:ratio_rate1h",
+        limit=c.threshold("cost_per_successful_task_max_usd"),
+        above_is_bad=True,
+    )
+
+
+RECOMMENDATIONS = (
+    'label_replace(label_join(ALERTS{alertname="AicrmRecommendRouteTaskType", '
+    'alertstate="firing"}, "subject", ";", "task_type", "agent"), '
+    '"action", "Route $1 tasks to agent $2", "subject", "(.*);(.*)")'
+    " or "
+    'label_replace(label_join(ALERTS{alertname="AicrmRecommendCheaperModel", '
+    'alertstate="firing"}, "subject", ";", "agent", "model", "cheaper_model"), '
+    '"action", "Move agent $1 from $2 to $3", "subject", "(.*);(.*);(.*)")'
+)
+
+
+def recommendations() -> table.Panel:
+    return c.table_panel(
+        "Open recommendations",
+        "Optimisations the rules found and that have held for an hour; each is explained in "
+        "docs/runbooks.md under its rule name.",
+        c.COUNT,
+        [c.table_query(RECOMMENDATIONS)],
+        keep=["action", "alertname"],
+        width=24,
+        height=6,
+    )
+
+
+def cost_by_agent() -> bargauge.Panel:
+    panel = c.bar_panel(
+        "Cost per successful task by agent",
+        "Last hour; red above cost_per_successful_task_max_usd.",
+        c.USD,
+        [
+            c.instant(f"agent:aicrm_agent_cost_usd_per_successful_task:ratio_rate1h{{{AG}}}",
+                      "{{agent}}"),
+            c.instant(c.threshold("cost_per_successful_task_max_usd"), "threshold",
+                      c.THRESHOLD_REF),
+        ],
+        width=8,
+        min_val=0,
+    )
+    return c.threshold_from_query(panel, above_is_bad=True)
+
+
+def spend_by_agent() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "Spend per hour by agent",
+        "Model spend of each agent, US dollars per hour (1h).",
+        c.USD,
+        [c.query(f"agent:aicrm_agent_cost_usd:rate1h{{{AG}}} * 3600", "{{agent}}")],
+        width=8,
+        stack=True,
+    )
+
+
+def spend_forecast() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "Daily spend: now and in 24 hours",
+        "Spend per day at the current hourly rate, and where the last 6 hours' trend puts "
+        "it a day from now.",
+        c.USD,
+        [
+            c.query("global:aicrm_agent_cost_usd:rate1h * 86400", "per day now"),
+            c.query("global:aicrm_agent_cost_usd:forecast24h_rate1h * 86400",
+                    "per day in 24h (forecast)", "B"),
+        ],
+        width=8,
+    )
+
+
+def hours_saved_by_task_type() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "Hours saved per day by task type",
+        "Human hours a day of automation saves at the last hour's pace, by task type.",
+        c.HOURS,
+        [c.query("task_type:aicrm_task_human_seconds_saved:rate1h * 24", "{{task_type}}")],
+        width=24,
+        stack=True,
+    )
+
+
+def build() -> model.Dashboard:
+    builder = c.new_dashboard(
+        "executive",
+        "AI-CRM / Executive",
+        "What the AI agents deliver and cost, against the previous period.",
+        time_from="now-7d",
+        refresh="5m",
+        variables=[c.label_variable("agent", "Agent", "agent:aicrm_agent_cost_usd:rate1h")],
+        alerts=c.firing_alerts('severity=~"page|warning"'),
+    )
+    builder = c.add_row(
+        builder,
+        "Delivered",
+        [tasks_automated(), completion_ratio(), success_ratio(), hours_saved()],
+    )
+    builder = c.add_row(
+        builder, "Quality and cost", [efficiency_score(), health_score(), spend(), cost_per_task()]
+    )
+    builder = c.add_row(builder, "What to do next", [recommendations()])
+    builder = c.add_row(
+        builder, "Spend", [cost_by_agent(), spend_by_agent(), spend_forecast()]
+    )
+    builder = c.add_row(builder, "Value", [hours_saved_by_task_type()])
+    return c.finish(builder)

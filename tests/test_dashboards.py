@@ -1,0 +1,441 @@
+"""Grafana dashboards: generated JSON is current, queries name real series, parse, follow the
+dashboard linter's rules, and return data from a real Prometheus fed by the simulator.
+
+There is no Grafana here, so Grafana's template variables are substituted the way Grafana
+would before a query reaches Prometheus (see `substitute`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from exporter import catalog
+from grafana import common, generate
+from tests import servers
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
+RULES_DIR = ROOT / "recording_rules"
+RECORDING_FILES = sorted(RULES_DIR.glob("*.rules.yml"))
+ALERT_FILES = sorted((RULES_DIR / "alerts").glob("*.alerts.yml"))
+DASHBOARD_FILES = sorted(DASHBOARD_DIR.glob("*.json"))
+
+# Grafana unit ids the dashboard linter accepts (the subset these dashboards may use).
+VALID_UNITS = {
+    "none", "short", "percent", "percentunit", "s", "ms", "m", "h", "d", "dtdurations",
+    "currencyUSD", "ops", "reqps", "rps", "cps", "bytes", "bool",
+}
+PROMQL_WORDS = {
+    "and", "or", "unless", "offset", "bool", "inf", "nan", "by", "without", "on", "ignoring",
+    "group_left", "group_right", "atan2",
+}
+
+
+# --- Reading the dashboards ---------------------------------------------------------------
+
+
+def _load(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+DASHBOARDS = {p.stem: _load(p) for p in DASHBOARD_FILES}
+
+
+def panels(dash: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel that is not a row (rows of these dashboards are open: panels are flat)."""
+    for panel in dash.get("panels", []):
+        if panel["type"] != "row":
+            yield panel
+        yield from (p for p in panel.get("panels", []) if p["type"] != "row")
+
+
+def variable_names(dash: dict[str, Any]) -> set[str]:
+    return {v["name"] for v in dash["templating"]["list"]}
+
+
+def queries(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, PromQL) for every panel target, annotation and variable of a dashboard."""
+    for panel in panels(dash):
+        for target in panel.get("targets", []):
+            yield f"{dash['uid']} / {panel['title']} / {target['refId']}", target["expr"]
+    for ann in dash["annotations"]["list"]:
+        if "expr" in ann:
+            yield f"{dash['uid']} / annotation {ann['name']}", ann["expr"]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"])
+            assert match, f"{dash['uid']} variable {var['name']}: {var['query']!r}"
+            yield f"{dash['uid']} / variable {var['name']}", match.group(1)
+
+
+def panel_targets() -> list[tuple[str, str, set[str]]]:
+    """(where, PromQL, dashboard variables) for every panel target of every dashboard."""
+    return [
+        (f"{d['uid']} / {p['title']} / {t['refId']}", t["expr"], variable_names(d))
+        for d in DASHBOARDS.values()
+        for p in panels(d)
+        for t in p.get("targets", [])
+    ]
+
+
+def all_queries() -> list[tuple[str, str, set[str]]]:
+    return [(w, q, variable_names(d)) for d in DASHBOARDS.values() for w, q in queries(d)]
+
+
+GRAFANA_GLOBALS_FOR_PARSING = {
+    "__rate_interval": "1m",
+    "__interval": "1m",
+    "__range_s": "3600",
+    "__range": "1h",
+}
+
+
+def substitute(expr: str, variables: set[str], globals_: dict[str, str]) -> str:
+    """Expand Grafana variables as Grafana does: globals to durations, a multi-value
+    dashboard variable set to "All" to its allValue `.*` (it only appears in =~ matchers)."""
+
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name in globals_:
+            return globals_[name]
+        if name in variables:
+            return ".*"
+        return match.group(0)  # e.g. label_replace's "$1"
+
+    return re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)", expand, expr)
+
+
+# --- Series that exist ------------------------------------------------------------------------
+
+
+def recorded_series() -> set[str]:
+    names: set[str] = set()
+    for path in RECORDING_FILES:
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            names.update(r["record"] for r in group["rules"] if "record" in r)
+    return names
+
+
+def known_series() -> set[str]:
+    names = {"ALERTS", "ALERTS_FOR_STATE", "up"} | recorded_series()
+    for spec in catalog.ALL:
+        names.add(spec.name)
+        if spec.kind is catalog.Kind.HISTOGRAM:
+            names.update(f"{spec.name}_{suffix}" for suffix in ("bucket", "sum", "count"))
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names a PromQL expression selects: strings, matchers, ranges, grouping label
+    lists, functions and keywords removed."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w:.])([A-Za-z_:][\w:]*)(\s*\()?", text):
+        word, call = match.group(1), match.group(2)
+        if not call and word.lower() not in PROMQL_WORDS:
+            names.add(word)
+    return names
+
+
+def test_metric_name_parser() -> None:
+    expr = (
+        'sum by (agent) (rate(aicrm_agent_retries_total{agent=~"$agent"}[5m] offset 1h)) '
+        '/ on (agent) group_left (team) label_replace(up, "a", "$1", "b", "(.*)") '
+        "and bool max(aicrm_threshold{name=\"x\"}) * 1e3 or vector(0)"
+    )
+    assert metric_names(expr) == {"aicrm_agent_retries_total", "up", "aicrm_threshold"}
+
+
+# --- Generation -------------------------------------------------------------------------------
+
+
+def test_committed_json_matches_the_code() -> None:
+    assert generate.stale() == [], "run: python -m grafana.generate"
+
+
+def test_check_mode_fails_on_a_stale_file(tmp_path: Path) -> None:
+    generate.write(tmp_path)
+    assert generate.main(["--check", "--output-dir", str(tmp_path)]) == 0
+    (tmp_path / "overview.json").write_text("{}\n", encoding="utf-8")
+    assert generate.main(["--check", "--output-dir", str(tmp_path)]) == 1
+
+
+def test_every_view_is_generated_with_its_fixed_uid() -> None:
+    assert {d["uid"] for d in DASHBOARDS.values()} == set(common.UIDS.values())
+    assert set(DASHBOARDS) == set(common.UIDS)
+
+
+# --- Dashboard shape and the linter's rules ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_dashboard_has_uid_title_tags_links_annotations(name: str) -> None:
+    dash = DASHBOARDS[name]
+    assert dash["uid"] == common.UIDS[name]
+    assert dash["title"].startswith("AI-CRM / ")
+    assert common.TAG in dash["tags"]
+    assert dash["editable"] is False, "provisioned from code: edits would be overwritten"
+    assert any(
+        link["type"] == "dashboards" and link["tags"] == [common.TAG] and link["keepTime"]
+        and link["includeVars"]
+        for link in dash["links"]
+    ), "must link to the other views"
+    alerts = [a for a in dash["annotations"]["list"] if "ALERTS{" in a.get("expr", "")]
+    assert alerts and all('alertstate="firing"' in a["expr"] for a in alerts)
+    assert dash["time"]["from"].startswith("now-") and dash["refresh"]
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_template_rules(name: str) -> None:
+    """template-datasource-rule, template-label-promql-rule (shape; validity is checked
+    against Prometheus below), template-on-time-change-reload-rule."""
+    variables = DASHBOARDS[name]["templating"]["list"]
+    datasources = [v for v in variables if v["type"] == "datasource"]
+    assert len(datasources) == 1
+    ds = datasources[0]
+    assert (ds["name"], ds["label"], ds["query"]) == ("datasource", "Data source", "prometheus")
+    assert ds["current"]["value"] == common.DATASOURCE_UID
+    for var in variables:
+        if var["type"] != "query":
+            continue
+        assert re.fullmatch(r"label_values\(.+,\s*\w+\)", var["query"]), var["name"]
+        assert var["refresh"] == 2, f"{var['name']} must refresh on time range change"
+        assert var["datasource"]["uid"] == "${datasource}"
+        assert var["includeAll"] and var["allValue"] == ".*"
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_panel_rules(name: str) -> None:
+    """panel-datasource-rule, panel-title-description-rule, panel-units-rule,
+    panel-no-targets-rule; plus: no threshold value typed into a panel."""
+    problems = []
+    for panel in panels(DASHBOARDS[name]):
+        title = panel.get("title", "?")
+        if panel.get("datasource", {}).get("uid") != "${datasource}":
+            problems.append(f"{title}: datasource is not ${{datasource}}")
+        if not panel.get("title") or not panel.get("description"):
+            problems.append(f"{title}: missing title or description")
+        defaults = panel.get("fieldConfig", {}).get("defaults", {})
+        if defaults.get("unit") not in VALID_UNITS:
+            problems.append(f"{title}: unit {defaults.get('unit')!r}")
+        for override in panel.get("fieldConfig", {}).get("overrides", []):
+            for prop in override["properties"]:
+                if prop["id"] == "unit" and prop["value"] not in VALID_UNITS:
+                    problems.append(f"{title}: override unit {prop['value']!r}")
+        if not panel.get("targets"):
+            problems.append(f"{title}: no targets")
+        for target in panel.get("targets", []):
+            if target.get("datasource", {}).get("uid") != "${datasource}":
+                problems.append(f"{title}/{target['refId']}: target datasource")
+        steps = defaults.get("thresholds", {}).get("steps", [])
+        if any(step.get("value") is not None for step in steps):
+            problems.append(f"{title}: typed threshold {steps}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_target_rules(name: str) -> None:
+    """target-rate-interval-rule and target-counter-agg-rule."""
+    problems = []
+    for where, expr in queries(DASHBOARDS[name]):
+        for fn, rng in re.findall(r"\b(i?rate|increase)\s*\([^\[()]*\[([^\]]*)\]", expr):
+            allowed = {"$__rate_interval"} | ({"$__range"} if fn == "increase" else set())
+            if rng not in allowed:
+                problems.append(f"{where}: {fn}(...[{rng}]) should use $__rate_interval")
+        for counter in {n for n in metric_names(expr) if n.endswith("_total")}:
+            pattern = rf"\b(?:i?rate|increase)\s*\(\s*{counter}\s*(?:\{{[^}}]*\}})?\s*\["
+            if not re.search(pattern, expr):
+                problems.append(f"{where}: counter {counter} not under rate/increase")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_threshold_queries_read_config_series(name: str) -> None:
+    """Thresholds are drawn from aicrm_threshold / aicrm_objective, never typed."""
+    for panel in panels(DASHBOARDS[name]):
+        for target in panel.get("targets", []):
+            if target["refId"] == common.THRESHOLD_REF:
+                names = metric_names(target["expr"])
+                assert names and names <= {"aicrm_threshold", "aicrm_objective"}, panel["title"]
+
+
+def test_every_query_names_only_existing_series() -> None:
+    known = known_series()
+    unknown = []
+    for where, expr, variables in all_queries():
+        names = metric_names(substitute(expr, variables, GRAFANA_GLOBALS_FOR_PARSING))
+        if names - known:
+            unknown.append(f"{where}: {sorted(names - known)}")
+    assert not unknown, "\n".join(unknown)
+
+
+def test_alert_links_point_at_dashboards_and_their_variables() -> None:
+    variables = {d["uid"]: variable_names(d) for d in DASHBOARDS.values()}
+    problems = []
+    for path in ALERT_FILES:
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            for rule in group["rules"]:
+                url = rule.get("annotations", {}).get("dashboard_url", "")
+                match = re.search(r"/d/([\w-]+)(?:\?(.*))?$", url)
+                if not match:
+                    problems.append(f"{rule['alert']}: {url!r}")
+                    continue
+                uid, params = match.group(1), match.group(2) or ""
+                if uid not in variables:
+                    problems.append(f"{rule['alert']}: no dashboard {uid}")
+                    continue
+                for var in re.findall(r"var-(\w+)=", params):
+                    if var not in variables[uid]:
+                        problems.append(f"{rule['alert']}: {uid} has no variable {var}")
+    assert not problems, "\n".join(problems)
+
+
+# --- Real Prometheus -------------------------------------------------------------------------
+
+
+def _query(server: servers.PrometheusServer, expr: str) -> requests.Response:
+    return requests.get(f"{server.url}/api/v1/query", params={"query": expr}, timeout=10)
+
+
+@pytest.mark.integration
+def test_every_query_is_valid_promql(
+    prometheus_factory: Callable[..., servers.PrometheusServer],
+) -> None:
+    """target-promql-rule: Prometheus answers 400 bad_data to a query it cannot parse."""
+    prom = prometheus_factory({"global": {"scrape_interval": "15s"}})
+    invalid = []
+    for where, expr, variables in all_queries():
+        promql = substitute(expr, variables, GRAFANA_GLOBALS_FOR_PARSING)
+        response = _query(prom, promql)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            invalid.append(f"{where}: {body.get('error')}\n    {promql}")
+    assert not invalid, "\n".join(invalid)
+
+
+# The data test compresses time: rule groups evaluate every second and alerts need to hold
+# for seconds, so the 5m/1h/1w windows and the hour-long `for` of recommendations fill up
+# within a minute. `$__range` is 15s so "the previous period" (offset $__range) exists.
+GRAFANA_GLOBALS_FOR_DATA = {
+    "__rate_interval": "4s",
+    "__interval": "1s",
+    "__range_s": "15",
+    "__range": "15s",
+}
+SIMULATION_SECONDS = 150
+DATA_DEADLINE_SECONDS = 100
+
+
+def _fast_rule_copies(dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in [*RECORDING_FILES, *ALERT_FILES]:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for group in data["groups"]:
+            group["interval"] = "1s"
+            for rule in group["rules"]:
+                if "for" in rule:
+                    rule["for"] = "3s"
+        copy = dest / path.name
+        copy.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        copies.append(copy)
+    return copies
+
+
+def _exporter_config(tmp: Path, port: int) -> Path:
+    cfg = json.loads((ROOT / "config.json").read_text(encoding="utf-8"))
+    cfg["sources"] = {
+        "event_logs": [{"name": "agent-logs", "path": str(tmp / "events" / "*.jsonl")}],
+        "task_db": {"url": f"sqlite:///{tmp / 'tasks.db'}", "table": "tasks",
+                    "poll_seconds": 1},
+        "push": {"enabled": False},
+    }
+    cfg["exporter"] = {"listen": f"127.0.0.1:{port}", "state_dir": str(tmp / "state")}
+    # With --speedup the cost-spike agent spends about $0.25 per successful task, the others
+    # a few cents at most: a limit between them makes the cheaper-model recommendation fire.
+    cfg["thresholds"]["cost_per_successful_task_max_usd"] = 0.1
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.mark.integration
+def test_every_panel_returns_data(
+    tmp_path: Path, prometheus_factory: Callable[..., servers.PrometheusServer]
+) -> None:
+    """Exporter + simulator (cost-spike incident, so the cheaper-model recommendation
+    fires, and a little noise, so rejected events exist) + Prometheus with the project's
+    rules: every panel query must return at least one series."""
+    (tmp_path / "events").mkdir()
+    port = servers.free_port()
+    cfg = _exporter_config(tmp_path, port)
+    simulator = servers.ProcessHandle("simulator", tmp_path)
+    exporter = servers.ProcessHandle("exporter", tmp_path)
+    try:
+        simulator.start(
+            [sys.executable, "-m", "exporter.simulate", "--config", cfg, "--rate", "20",
+             "--speedup", "30", "--duration", str(SIMULATION_SECONDS), "--seed", "1",
+             "--noise", "0.02", "--incident", "cost-spike:email-writer",
+             "--control", tmp_path / "incidents"],
+            cwd=tmp_path,
+        )
+        exporter.start(
+            [sys.executable, "-m", "exporter", "--config", cfg],
+            cwd=tmp_path,
+            ready_check=servers.http_ok(f"http://127.0.0.1:{port}/healthz"),
+        )
+        prom = prometheus_factory(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "aicrm-exporter",
+                     "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                ],
+            },
+            rule_files=_fast_rule_copies(tmp_path / "rules"),
+        )
+        prom.wait_for_targets_up()
+        targets = [
+            (where, substitute(expr, variables, GRAFANA_GLOBALS_FOR_DATA))
+            for where, expr, variables in panel_targets()
+        ]
+        deadline = time.monotonic() + DATA_DEADLINE_SECONDS
+        empty: list[str] = [where for where, _ in targets]
+        while empty and time.monotonic() < deadline:
+            time.sleep(3)
+            empty = []
+            for where, promql in targets:
+                if not prom.query(promql):
+                    empty.append(f"{where}\n    {promql}")
+        assert not empty, f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
+    finally:
+        exporter.stop()
+        simulator.stop()
+
+
+def test_provisioning_points_at_the_fixed_datasource_and_the_dashboards() -> None:
+    provisioning = ROOT / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (ds,) = datasources["datasources"]
+    assert (ds["uid"], ds["type"], ds["url"]) == (
+        common.DATASOURCE_UID, "prometheus", "${PROMETHEUS_URL}"
+    )
+    providers = yaml.safe_load((provisioning / "dashboards" / "aicrm.yml").read_text())
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]
+    assert provider["allowUiUpdates"] is False
