@@ -1,0 +1,374 @@
+"""Rule files, their promtool tests, vmalert compatibility and the Alertmanager configuration.
+
+Runs the real tools from Debian's packages (promtool, vmalert, amtool, prometheus-alertmanager);
+a missing tool is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter.catalog import ALL, Kind
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES_DIR = ROOT / "recording_rules"
+ALERTMANAGER_YML = ROOT / "alertmanager" / "alertmanager.yml"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+
+RECORDING_FILES = sorted(RULES_DIR.glob("*.rules.yml"))
+ALERT_FILES = sorted((RULES_DIR / "alerts").glob("*.alerts.yml"))
+RULE_FILES = RECORDING_FILES + ALERT_FILES
+TEST_FILES = sorted(RULES_DIR.rglob("*_test.yml"))
+
+DASHBOARD_BASE = "http://localhost:3000/d/"
+DASHBOARD_UIDS = {
+    "aicrm-overview",
+    "aicrm-tasks",
+    "aicrm-agents",
+    "aicrm-workflow",
+    "aicrm-integrations",
+    "aicrm-executive",
+}
+SEVERITIES = {"page", "ticket", "warning", "info", "recommendation"}
+LOCAL_WEBHOOK = "http://127.0.0.1:5001/alerts"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (scripts/setup.sh installs it)")
+    return path
+
+
+def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), path
+    return data
+
+
+def _rules(files: list[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in files:
+        for group in _load(path)["groups"]:
+            for rule in group["rules"]:
+                yield path, rule
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(RULES_DIR)) for p in paths]
+
+
+def test_rule_files_exist() -> None:
+    assert len(RECORDING_FILES) >= 7
+    assert ALERT_FILES
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=_ids(RULE_FILES))
+def test_promtool_check_rules(path: Path) -> None:
+    proc = _run([_tool("promtool"), "check", "rules", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=_ids(TEST_FILES))
+def test_promtool_test_rules(path: Path) -> None:
+    proc = _run([_tool("promtool"), "test", "rules", path.name], cwd=path.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=_ids(RULE_FILES))
+def test_vmalert_accepts_rule_file(path: Path) -> None:
+    proc = _run([_tool("vmalert"), "-dryRun", f"-rule={path}", "-loggerLevel=ERROR"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=_ids(RULE_FILES))
+def test_every_rule_file_has_a_test_beside_it(path: Path) -> None:
+    test = path.with_name(path.name.removesuffix(".yml") + "_test.yml")
+    assert test.exists(), f"missing {test.name}"
+    assert path.name in _load(test)["rule_files"]
+
+
+def _unit_tests() -> Iterator[dict[str, Any]]:
+    for path in TEST_FILES:
+        yield from _load(path)["tests"]
+
+
+def test_every_recording_rule_has_an_expression_test() -> None:
+    tested = " ".join(
+        case["expr"] for test in _unit_tests() for case in test.get("promql_expr_test", [])
+    )
+    names = set(re.findall(r"[A-Za-z_:][\w:]*", tested))
+    missing = sorted({r["record"] for _, r in _rules(RECORDING_FILES)} - names)
+    assert not missing, f"recording rules without a promql_expr_test: {missing}"
+
+
+def test_every_alert_has_a_quiet_and_a_firing_case() -> None:
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for test in _unit_tests():
+        for case in test.get("alert_rule_test", []):
+            (firing if case.get("exp_alerts") else quiet).add(case["alertname"])
+    alerts = {r["alert"] for _, r in _rules(ALERT_FILES)}
+    assert not alerts - firing, f"alerts never tested firing: {sorted(alerts - firing)}"
+    assert not alerts - quiet, f"alerts never tested quiet: {sorted(alerts - quiet)}"
+
+
+def test_rules_and_alerts_live_in_separate_files() -> None:
+    for path, rule in _rules(RECORDING_FILES):
+        assert "record" in rule, f"{path.name}: alert {rule.get('alert')} in a recording file"
+    for path, rule in _rules(ALERT_FILES):
+        assert "alert" in rule, f"{path.name}: record {rule.get('record')} in an alert file"
+
+
+@pytest.mark.parametrize("path", ALERT_FILES, ids=_ids(ALERT_FILES))
+def test_alert_shape(path: Path) -> None:
+    runbooks = RUNBOOKS.read_text(encoding="utf-8") if RUNBOOKS.exists() else ""
+    headings = {h.strip().lower() for h in re.findall(r"^##+ (.+)$", runbooks, re.M)}
+    for _, rule in _rules([path]):
+        name = rule["alert"]
+        assert re.fullmatch(r"Aicrm[A-Z][A-Za-z0-9]+", name), name
+        assert rule.get("for"), f"{name}: no `for`"
+        labels = rule.get("labels", {})
+        assert labels.get("severity") in SEVERITIES, f"{name}: severity {labels.get('severity')}"
+        ann = rule.get("annotations", {})
+        for key in ("summary", "description", "dashboard_url", "runbook_url"):
+            assert ann.get(key), f"{name}: no {key} annotation"
+        url = ann["dashboard_url"]
+        assert url.startswith(DASHBOARD_BASE), f"{name}: {url}"
+        uid = url.removeprefix(DASHBOARD_BASE).split("?")[0]
+        assert uid in DASHBOARD_UIDS, f"{name}: unknown dashboard {uid}"
+        assert ann["runbook_url"] == f"docs/runbooks.md#{name.lower()}", name
+        assert name.lower() in headings, f"docs/runbooks.md has no section {name}"
+
+
+def _catalog_names() -> set[str]:
+    names = set()
+    for spec in ALL:
+        names.add(spec.name)
+        if spec.kind is Kind.HISTOGRAM:
+            names.update(spec.name + s for s in ("_bucket", "_sum", "_count"))
+    return names
+
+
+_KEYWORDS = {
+    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "bool", "offset", "inf", "nan",
+}
+
+
+def _metric_names(expr: str) -> set[str]:
+    """Series names an expression selects (label matchers, strings and grouping removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(
+        r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr
+    )
+    names = set()
+    for m in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?", expr):
+        word, call = m.group(1), m.group(2)
+        if call or word.lower() in _KEYWORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def test_expressions_use_only_catalog_or_recorded_series() -> None:
+    known = _catalog_names() | {"up", "ALERTS", "ALERTS_FOR_STATE"}
+    known |= {r["record"] for _, r in _rules(RECORDING_FILES)}
+    unknown = {}
+    for path, rule in _rules(RULE_FILES):
+        bad = _metric_names(rule["expr"]) - known
+        if bad:
+            unknown[f"{path.name}:{rule.get('record') or rule.get('alert')}"] = sorted(bad)
+    assert not unknown, unknown
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        'sum by (agent, le) (rate(aicrm_x_bucket{le="+Inf", a=~"b|c"}[5m] offset 1d)) '
+        '> on (agent) group_left (team) max(aicrm_info) and 1e-3 < bool a:b:c'
+    )
+    assert _metric_names(expr) == {"aicrm_x_bucket", "aicrm_info", "a:b:c"}
+
+
+def test_recorded_names_follow_level_metric_operations() -> None:
+    for _, rule in _rules(RECORDING_FILES):
+        name = rule["record"]
+        assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name), name
+        assert "_total:" not in name, name
+
+
+# --- Alertmanager ---------------------------------------------------------------------------
+
+
+def test_amtool_check_config() -> None:
+    proc = _run([_tool("amtool"), "check-config", str(ALERTMANAGER_YML)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["severity=page", "agent=lead-qualifier"], "page"),
+        (["severity=ticket", "team=sales-ops"], "team"),
+        (["severity=warning", "team=marketing"], "team"),
+        (["severity=warning"], "operations"),
+        (["severity=recommendation", "team=sales-ops"], "recommendations"),
+        (["severity=info"], "webhook"),
+    ],
+)
+def test_routing(labels: list[str], receiver: str) -> None:
+    proc = _run(
+        [_tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == receiver
+
+
+def test_no_secrets_in_alertmanager_config() -> None:
+    cfg = _load(ALERTMANAGER_YML)
+    text = ALERTMANAGER_YML.read_text(encoding="utf-8")
+    assert "hooks.slack.com" not in text
+    assert "smtp_auth_password" not in cfg["global"]
+    assert "slack_api_url" not in cfg["global"]
+    for receiver in cfg["receivers"]:
+        for slack in receiver.get("slack_configs", []):
+            assert "api_url" not in slack
+        for email in receiver.get("email_configs", []):
+            assert "auth_password" not in email
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def _http(method: str, url: str, payload: Any = None) -> Any:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        raw = resp.read()
+        is_json = resp.headers.get_content_type() == "application/json"
+    return json.loads(raw) if raw and is_json else raw
+
+
+@pytest.mark.integration
+def test_alertmanager_delivers_and_inhibits(tmp_path: Path) -> None:
+    """A real Alertmanager: pages reach the webhook; exporter down inhibits derived alerts."""
+    binary = _tool("prometheus-alertmanager")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "slack_webhook_url").write_text("http://127.0.0.1:9/slack\n")
+    (secrets / "smtp_password").write_text("unused\n")
+    text = ALERTMANAGER_YML.read_text(encoding="utf-8")
+    text = text.replace(LOCAL_WEBHOOK, f"http://127.0.0.1:{server.server_port}/alerts")
+    text = text.replace("/etc/alertmanager/secrets", str(secrets))
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(text)
+    shutil.copytree(ALERTMANAGER_YML.parent / "templates", tmp_path / "templates")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _http("GET", base + "/-/ready")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        ann = {
+            "summary": "s",
+            "description": "d",
+            "dashboard_url": DASHBOARD_BASE + "aicrm-overview",
+            "runbook_url": "docs/runbooks.md#x",
+        }
+        _http(
+            "POST",
+            base + "/api/v2/alerts",
+            [
+                {
+                    "labels": {
+                        "alertname": "AicrmExporterDown",
+                        "severity": "page",
+                        "job": "aicrm-exporter",
+                        "instance": "a",
+                    },
+                    "annotations": ann,
+                },
+                {
+                    "labels": {
+                        "alertname": "AicrmAgentSuccessBelowObjective",
+                        "severity": "warning",
+                        "agent": "lead-qualifier",
+                        "team": "sales-ops",
+                    },
+                    "annotations": ann,
+                },
+            ],
+        )
+        deadline = time.monotonic() + 40
+        while not _Receiver.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _Receiver.received, "no notification reached the webhook"
+        first = _Receiver.received[0]
+        assert first["receiver"] == "page"
+        assert first["commonLabels"]["alertname"] == "AicrmExporterDown"
+        alerts = {a["labels"]["alertname"]: a for a in _http("GET", base + "/api/v2/alerts")}
+        assert alerts["AicrmAgentSuccessBelowObjective"]["status"]["state"] == "suppressed"
+        assert alerts["AicrmAgentSuccessBelowObjective"]["status"]["inhibitedBy"]
+        assert alerts["AicrmExporterDown"]["status"]["state"] == "active"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        server.shutdown()
+        server.server_close()
