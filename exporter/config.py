@@ -90,6 +90,9 @@ class Agent(_Model):
     team: LabelValue = "default"
     success_objective: Ratio | None = None
     """SLO target for this agent's success ratio; defaults to thresholds.agent_success_ratio_min."""
+    task_types: tuple[LabelValue, ...] = ()
+    """The task types this agent handles; empty: all. Only these combinations are pre-created
+    at zero, which keeps a large fleet's series count proportional to what agents really do."""
 
 
 class TaskType(_Model):
@@ -247,6 +250,12 @@ class Config(_Model):
         _unique(errors, "sources.event_logs", (s.name for s in self.sources.event_logs))
         for i, integ in enumerate(self.integrations):
             _unique(errors, f"integrations[{i}].operations", integ.operations)
+        declared = {t.name for t in self.task_types}
+        for i, agent in enumerate(self.agents):
+            for j, tt in enumerate(agent.task_types):
+                if tt not in declared:
+                    errors.append((f"agents[{i}].task_types[{j}]",
+                                   f"{tt!r} is not a declared task type"))
         reserved = {"push", "task_db"}
         for i, src in enumerate(self.sources.event_logs):
             if src.name in reserved:

@@ -308,9 +308,13 @@ class MetricStore(Collector):
                 for k in combos:
                     h.setdefault(k, [0.0] * width)
 
-        zero(c.AGENT_TASK_RESULTS, product(agents, task_types, c.OUTCOMES))
-        zero(c.AGENT_TASK_DURATION, product(agents, task_types))
-        zero(c.AGENT_RETRIES, product(agents, task_types))
+        handled = [
+            (a.name, t) for a in sorted(self.cfg.agents, key=lambda a: a.name)
+            for t in (sorted(a.task_types) if a.task_types else task_types)
+        ]
+        zero(c.AGENT_TASK_RESULTS, ((a, t, o) for (a, t) in handled for o in c.OUTCOMES))
+        zero(c.AGENT_TASK_DURATION, handled)
+        zero(c.AGENT_RETRIES, handled)
         zero(c.AGENT_HANDOFFS, product(agents, agents))
         zero(c.AGENT_COST, product(agents, models))
         zero(c.AGENT_TOOL_CALLS, product(agents, tools, c.TOOL_OUTCOMES))

@@ -60,6 +60,8 @@ def _set(d: dict, path: str, value: object) -> dict:
          "reserved for a built-in source"),
         ("sources.task_db", {"table": "tasks"}, "sources.task_db.url", "Field required"),
         ("tools", ["crm.search", "crm.search"], "tools[1]", "duplicate name"),
+        ("agents.0.task_types", ["qualify_lead", "nap"], "agents[0].task_types[1]",
+         "'nap' is not a declared task type"),
         ("unknown_key", 1, "unknown_key", "Extra inputs are not permitted"),
     ],
 )

@@ -309,3 +309,16 @@ def test_metrics_doc_is_generated_from_the_catalog() -> None:
     from exporter.gendocs import metrics_doc
 
     assert (ROOT / "docs" / "metrics.md").read_text() == metrics_doc(), "run: make generate"
+
+
+def test_agents_task_types_limit_precreated_series() -> None:
+    cfg = make_config(agents=[{"name": "lead-qualifier", "task_types": ["qualify_lead"]},
+                              {"name": "email-writer"}])
+    _, reg = store_and_registry(cfg)
+    g = reg.get_sample_value
+    assert g("aicrm_agent_task_results_total", {
+        "agent": "lead-qualifier", "task_type": "qualify_lead", "outcome": "success"}) == 0
+    assert g("aicrm_agent_task_results_total", {
+        "agent": "lead-qualifier", "task_type": "write_email", "outcome": "success"}) is None
+    assert g("aicrm_agent_task_results_total", {
+        "agent": "email-writer", "task_type": "write_email", "outcome": "success"}) == 0
