@@ -226,11 +226,38 @@ REJECT_REASONS = (
     "bad_timestamps",
 )
 
+# --- REST API (api/) self-metrics ---------------------------------------------------------
+# Served by the API's own /metrics (gunicorn multiprocess mode), not by the exporter: defined
+# after ALL so the exporter's families never include them.
+API_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+API_REQUESTS = MetricSpec(
+    "aicrm_api_requests_total", C,
+    "Requests the REST API answered, by route template, method and HTTP status code.",
+    ("endpoint", "method", "code"),
+)
+API_REQUEST_DURATION = MetricSpec(
+    "aicrm_api_request_duration_seconds", H,
+    "Time the REST API took to answer, by route template.",
+    ("endpoint",), API_SECONDS_BUCKETS, "s",
+)
+API_CACHE_LOOKUPS = MetricSpec(
+    "aicrm_api_cache_lookups_total", C,
+    "Response cache lookups of the REST API, by result (hit or miss).",
+    ("result",),
+)
+API: tuple[MetricSpec, ...] = (API_REQUESTS, API_REQUEST_DURATION, API_CACHE_LOOKUPS)
 
-def markdown() -> str:
-    """docs/metrics.md's table, generated so the docs cannot drift from the code."""
+
+def _table(specs: tuple[MetricSpec, ...]) -> list[str]:
     rows = ["| name | type | labels | help |", "|---|---|---|---|"]
-    for m in ALL:
+    for m in specs:
         labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
         rows.append(f"| `{m.name}` | {m.kind.value} | {labels} | {m.help} |")
+    return rows
+
+
+def markdown() -> str:
+    """docs/metrics.md's tables, generated so the docs cannot drift from the code."""
+    rows = _table(ALL)
+    rows += ["", "### REST API (its own `/metrics`)", "", *_table(API)]
     return "\n".join(rows) + "\n"

@@ -1,0 +1,43 @@
+"""``aicrm-api``: the API under gunicorn with api/gunicorn.conf.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from exporter.config import ConfigError, default_config_path, load_config
+
+CONF = Path(__file__).with_name("gunicorn.conf.py")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aicrm-api", description=__doc__)
+    parser.add_argument("--config", default=default_config_path(),
+                        help="config.json (default: $AICRM_CONFIG, then ./config.json)")
+    parser.add_argument("--bind", help="host:port (default: $AICRM_API_BIND, then the "
+                                       "config's api.listen)")
+    parser.add_argument("--workers", type=int, help="worker processes (default 4)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.check_config:
+        return 0
+    env = dict(os.environ)
+    env["AICRM_CONFIG"] = str(Path(args.config).resolve())
+    env["AICRM_API_BIND"] = args.bind or env.get("AICRM_API_BIND") or cfg.api.listen
+    if args.workers:
+        env["AICRM_API_WORKERS"] = str(args.workers)
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "api:create_app()"]
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # pragma: no cover - execvpe does not return
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""What the blueprints share: the app's services, the response envelope, auth and caching."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import Response, current_app, g, request
+
+from exporter.config import Config
+
+from .cache import ResponseCache, cache_key
+from .observability import RequestMetrics
+from .promql import PrometheusClient, Sample
+from .security import KeyChecker
+from .validation import Window, rfc3339
+
+SERVICES = "aicrm"
+
+
+@dataclass
+class Services:
+    config: Config
+    prometheus: PrometheusClient
+    cache: ResponseCache
+    keys: KeyChecker
+    metrics: RequestMetrics
+    logger: logging.Logger
+    protected: frozenset[str]
+    """Endpoint names that need a key even when require_key_for_all is off."""
+
+
+def services() -> Services:
+    svc: Services = current_app.extensions[SERVICES]
+    return svc
+
+
+def quantity(value: float | None, unit: str) -> dict[str, Any]:
+    """A number and its unit; null when the backend has no data for it."""
+    return {"value": value, "unit": unit}
+
+
+def first(samples: Iterable[Sample] | None, **labels: str) -> float | None:
+    """The value of the sample with these labels (None when absent)."""
+    for s in samples or ():
+        if all(s.labels.get(k, "") == v for k, v in labels.items()):
+            return s.value
+    return None
+
+
+def label_values(samples_by_field: dict[str, list[Sample]], label: str) -> list[str]:
+    values = {s.labels[label] for ss in samples_by_field.values() for s in ss if label in s.labels}
+    return sorted(values)
+
+
+def envelope(window: Window | None, evaluated_at: float, data: Any,
+             **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if window is not None:
+        body["window"] = window.text
+        body["window_seconds"] = window.seconds
+    body.update(extra)
+    body["generated_at"] = rfc3339(time.time())
+    body["evaluated_at"] = rfc3339(evaluated_at)
+    body["data"] = data
+    return body
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status=status,
+                    mimetype="application/json")
+
+
+F = TypeVar("F", bound=Callable[..., Response])
+
+
+def cached(view: F) -> F:
+    """Serve a fresh stored copy when there is one; store successful answers for the TTL."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Response:
+        svc = services()
+        ttl = svc.config.api.cache_ttl_seconds
+        if ttl <= 0:
+            return view(*args, **kwargs)
+        key = cache_key(request.path, request.args.items(multi=True))
+        body = svc.cache.get(key)
+        if body is not None:
+            svc.metrics.cache.labels("hit").inc()
+            resp = Response(body, mimetype="application/json")
+            resp.headers["X-Cache"] = "HIT"
+            return resp
+        svc.metrics.cache.labels("miss").inc()
+        resp = view(*args, **kwargs)
+        if resp.status_code == 200 and not resp.is_streamed:
+            svc.cache.set(key, resp.get_data(), ttl)
+        resp.headers["X-Cache"] = "MISS"
+        return resp
+
+    return wrapper  # type: ignore[return-value]
+
+
+def request_id() -> str:
+    return str(g.get("request_id", ""))

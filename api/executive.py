@@ -1,0 +1,93 @@
+"""GET /executive-dashboard: the business overview, KPIs against the previous window,
+scores, firing alerts and the optimisation recommendations the alert rules raise."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from . import queries, validation
+from .common import Services, cached, envelope, first, json_response, services
+from .promql import Sample
+
+bp = Blueprint("executive", __name__)
+
+DEFAULT_WINDOW = "1d"
+SEVERITY_ORDER = {"page": 0, "critical": 0, "warning": 1, "ticket": 2, "info": 3}
+RECOMMENDATION = "recommendation"
+
+
+def _change(fields: dict[str, list[Sample]], name: str, unit: str) -> dict[str, Any]:
+    def v(part: str) -> float | None:
+        return first(fields.get(f"{name}.{part}"))
+
+    return {"value": v("value"), "unit": unit, "previous": v("previous"),
+            "change": v("change"), "change_ratio": v("change_ratio")}
+
+
+def _components(samples: list[Sample] | None) -> dict[str, Any]:
+    return {s.labels.get("component", ""): {"value": s.value, "unit": "ratio"}
+            for s in sorted(samples or (), key=lambda s: s.labels.get("component", ""))}
+
+
+def _alerts(svc: Services, now: float) -> list[dict[str, Any]]:
+    """Firing alerts with annotations; from the ALERTS series where the backend has no
+    alerts API (VictoriaMetrics without a vmalert proxy), then without annotations."""
+    raw = svc.prometheus.alerts()
+    out: list[dict[str, Any]] = []
+    if raw is None:
+        for s in svc.prometheus.query(queries.FIRING_ALERTS, now):
+            labels = {k: v for k, v in s.labels.items()
+                      if k not in ("__name__", "alertstate")}
+            out.append({"labels": labels, "annotations": {}, "active_at": None})
+    else:
+        for a in raw:
+            if a.get("state") != "firing":
+                continue
+            out.append({"labels": dict(a.get("labels", {})),
+                        "annotations": dict(a.get("annotations", {})),
+                        "active_at": a.get("activeAt")})
+    alerts = []
+    for a in out:
+        labels = a["labels"]
+        ann = a["annotations"]
+        alerts.append({
+            "name": labels.get("alertname", ""),
+            "severity": labels.get("severity", ""),
+            "summary": ann.get("summary"),
+            "description": ann.get("description"),
+            "runbook_url": ann.get("runbook_url"),
+            "dashboard_url": ann.get("dashboard_url"),
+            "active_at": a["active_at"],
+            "labels": {k: v for k, v in sorted(labels.items())
+                       if k not in ("alertname", "severity")},
+        })
+    alerts.sort(key=lambda a: (SEVERITY_ORDER.get(a["severity"], 9), a["name"],
+                               sorted(a["labels"].items())))
+    return alerts
+
+
+@bp.get("/executive-dashboard")
+@cached
+def executive_dashboard() -> Response:
+    window = validation.window(request.args, DEFAULT_WINDOW)
+    svc = services()
+    now = time.time()
+    fields = queries.split(svc.prometheus.query(queries.executive(window.seconds).expr, now))
+    alerts = _alerts(svc, now)
+    data = {
+        "kpis": {
+            name: _change(fields, f"kpi.{name}", unit)
+            for name, (unit, _) in queries.KPIS.items()
+        },
+        "scores": {
+            name: {**_change(fields, f"score.{name}", "score"),
+                   "components": _components(fields.get(f"component.{name}"))}
+            for name in ("workflow_efficiency", "system_health")
+        },
+        "alerts": [a for a in alerts if a["severity"] != RECOMMENDATION],
+        "recommendations": [a for a in alerts if a["severity"] == RECOMMENDATION],
+    }
+    return json_response(envelope(window, now, data))

@@ -1,0 +1,57 @@
+"""GET /task-completion: how many tasks finished, how many completed, how fast."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from . import queries, validation
+from .common import cached, envelope, first, json_response, label_values, quantity, services
+from .promql import Sample
+
+bp = Blueprint("tasks", __name__)
+
+DEFAULT_WINDOW = "1h"
+UNITS = {
+    "completion_ratio": "ratio",
+    "completed": "tasks",
+    "failed": "tasks",
+    "cancelled": "tasks",
+    "terminal": "tasks",
+    "throughput": "tasks/s",
+    "duration_p50": "s",
+    "duration_p95": "s",
+    "duration_p99": "s",
+}
+
+
+def _block(fields: dict[str, list[Sample]], level: str, **labels: str) -> dict[str, Any]:
+    return {
+        name: quantity(first(fields.get(f"{level}.{name}"), **labels), unit)
+        for name, unit in UNITS.items()
+    }
+
+
+@bp.get("/task-completion")
+@cached
+def task_completion() -> Response:
+    args = request.args
+    window = validation.window(args, DEFAULT_WINDOW)
+    task_type = validation.label_value(args, "task_type")
+    agent = validation.label_value(args, "agent")
+    svc = services()
+    now = time.time()
+    query = queries.task_completion(window.seconds, task_type, agent)
+    fields = queries.split(svc.prometheus.query(query.expr, now))
+    per_type = {k: v for k, v in fields.items() if k.startswith("task_type.")}
+    data = {
+        "overall": _block(fields, "overall"),
+        "task_types": [
+            {"task_type": tt, **_block(fields, "task_type", task_type=tt)}
+            for tt in label_values(per_type, "task_type")
+        ],
+    }
+    filters = {"task_type": task_type, "agent": agent}
+    return json_response(envelope(window, now, data, filters=filters))

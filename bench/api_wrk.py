@@ -1,0 +1,192 @@
+"""REST API speed with wrk: a cached endpoint's throughput and p99, and an uncached endpoint's
+latency side by side with Prometheus answering the very query the endpoint sends.
+
+Starts the known data of tests/api (a Prometheus evaluating the real rules), Redis, and the API
+under gunicorn (api/gunicorn.conf.py: 4 workers) twice: one with the shared Redis cache, one with
+the cache off. Writes docs/benchmarks-api.md.
+
+    .venv/bin/python bench/api_wrk.py [--duration 15] [--out docs/benchmarks-api.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from api import queries  # noqa: E402
+from bench.common import machine  # noqa: E402
+from tests import servers  # noqa: E402
+from tests.api.conftest import API_KEY, start_known_prometheus, stop_known  # noqa: E402
+from tests.helpers import config_dict  # noqa: E402
+
+CACHED_PATH = "/task-completion?window=1h"
+UNCACHED_PATH = "/agent-performance?window=1h"
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, connections: int, duration: int, threads: int = 2) -> dict[str, float]:
+    """Run wrk --latency; requests/s, mean, p50, p99 latency (s), non-2xx count."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    res: dict[str, float] = {}
+    res["rps"] = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    res["mean"] = _seconds(re.search(r"Latency\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([0-9.]+(?:us|ms|s|m))\s*$", out, re.MULTILINE)
+        res[f"p{pct}"] = _seconds(m.group(1)) if m else float("nan")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+([0-9]+)", out)
+    res["non2xx"] = float(non2xx.group(1)) if non2xx else 0.0
+    res["requests"] = float(re.search(r"([0-9]+) requests in", out).group(1))  # type: ignore[union-attr]
+    return res
+
+
+def start_api(tmp: Path, name: str, prometheus_url: str, redis_url: str | None,
+              cache_ttl: float) -> tuple[servers.ProcessHandle, str]:
+    cfg = config_dict(api={"prometheus_url": prometheus_url, "redis_url": redis_url,
+                           "cache_ttl_seconds": cache_ttl, "rate_limit": "100000000/minute",
+                           "api_keys_env": "BENCH_API_KEYS"})
+    workdir = tmp / name
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(cfg))
+    port = servers.free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "AICRM_CONFIG": str(workdir / "config.json"), "BENCH_API_KEYS": API_KEY,
+           "AICRM_API_BIND": f"127.0.0.1:{port}",
+           "AICRM_API_ACCESS_LOG": str(workdir / "access.log"),
+           "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics")}
+    url = f"http://127.0.0.1:{port}"
+    handle = servers.ProcessHandle(f"gunicorn-{name}", workdir)
+    handle.start([sys.executable, "-m", "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
+                  "api:create_app()"], cwd=ROOT, env=env,
+                 ready_check=servers.http_ok(url + "/healthz"), timeout=60)
+    return handle, url
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1000:.2f} ms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
+    ap.add_argument("--cached-connections", type=int, default=32)
+    ap.add_argument("--uncached-connections", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-api.md"))
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="aicrm-api-bench-") as tmpname:
+        tmp = Path(tmpname)
+        known = start_known_prometheus(tmp / "prom")
+        # Settled: back to the rule files' own intervals, so rule evaluation every second does
+        # not compete for the two cores.
+        for path in Path(known.server.workdir).glob("*.yml"):
+            if path.name != "prometheus.yml":
+                src = next(ROOT.glob(f"recording_rules/**/{path.name}"))
+                path.write_text(src.read_text())
+        known.server.reload()
+        redis = servers.start_redis(tmp / "redis")
+        handles: list[servers.ProcessHandle] = []
+        try:
+            cached, cached_url = start_api(tmp, "cached", known.url, redis.url, 3600)
+            handles.append(cached)
+            uncached, uncached_url = start_api(tmp, "uncached", known.url, redis.url, 0)
+            handles.append(uncached)
+            with requests.get(cached_url + CACHED_PATH, timeout=10) as r:
+                r.raise_for_status()
+            # Warm-up: every worker imports, connects and answers once.
+            wrk(cached_url + CACHED_PATH, args.cached_connections, 2)
+            wrk(uncached_url + UNCACHED_PATH, args.uncached_connections, 2)
+            hit = wrk(cached_url + CACHED_PATH, args.cached_connections, args.duration)
+            # Side by side: the endpoint, then the query it sends, straight to Prometheus.
+            expr = queries.agent_performance(3600, None).expr
+            direct_url = f"{known.url}/api/v1/query?query={quote(expr)}"
+            wrk(direct_url, args.uncached_connections, 2)
+            side = {}
+            for conns in sorted({1, args.uncached_connections}):
+                side[conns] = (
+                    wrk(uncached_url + UNCACHED_PATH, conns, args.duration, threads=1),
+                    wrk(direct_url, conns, args.duration, threads=1),
+                )
+        finally:
+            for h in handles:
+                h.stop()
+            redis.stop()
+            stop_known(known)
+    m = machine()
+    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/api_wrk.py",
+                                             *(argv if argv is not None else sys.argv[1:])])
+    lines = [
+        "# REST API benchmark (wrk)",
+        "",
+        "Generated by `bench/api_wrk.py`; do not edit by hand.",
+        "",
+        f"- date: {m.get('date')}",
+        f"- machine: {m.get('cpu', m.get('cpu_model', ''))}, {os.cpu_count()} CPUs",
+        f"- command: `{cmd}`",
+        f"- wrk: {args.duration}s per run, 2 threads, on the same machine as everything else",
+        "- API: gunicorn, api/gunicorn.conf.py (4 gthread workers x 2 threads), Redis for the "
+        "rate limiter and cache, JSON access log on; Prometheus 2.42 with the known data of "
+        "tests/api, evaluating the real rule files at their own intervals",
+        "",
+        "## Cached endpoint",
+        "",
+        f"`GET {CACHED_PATH}` answered from the shared Redis cache, "
+        f"{args.cached_connections} connections:",
+        "",
+        "| requests/s | mean | p50 | p99 | non-2xx | target |",
+        "|---|---|---|---|---|---|",
+        f"| {hit['rps']:.0f} | {_ms(hit['mean'])} | {_ms(hit['p50'])} | {_ms(hit['p99'])} "
+        f"| {hit['non2xx']:.0f} | >= 1,000 req/s, p99 < 50 ms: "
+        f"{'met' if hit['rps'] >= 1000 and hit['p99'] < 0.05 else 'NOT met'} |",
+        "",
+        "## Uncached endpoint against Prometheus itself",
+        "",
+        f"`GET {UNCACHED_PATH}` with the cache off sends one PromQL query "
+        f"({len(expr)} characters, {len(queries.agent_performance(3600, None).fields)} fields); "
+        "the same query sent to Prometheus's `/api/v1/query` directly, same connections, "
+        "one after the other (API and Prometheus share the 2 cores):",
+        "",
+        "| connections | | requests/s | mean | p50 | p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for conns, (api_res, prom_res) in side.items():
+        for name, res in (("API", api_res), ("Prometheus", prom_res)):
+            lines.append(f"| {conns} | {name} | {res['rps']:.0f} | {_ms(res['mean'])} "
+                         f"| {_ms(res['p50'])} | {_ms(res['p99'])} |")
+        ratio = api_res["mean"] / prom_res["mean"]
+        verdicts.append((conns, ratio))
+        lines.append(f"| {conns} | ratio | {api_res['rps'] / prom_res['rps']:.2f}x "
+                     f"| {ratio:.2f}x | {api_res['p50'] / prom_res['p50']:.2f}x "
+                     f"| {api_res['p99'] / prom_res['p99']:.2f}x |")
+    lines += [""] + [
+        f"Target, within 1.3x of Prometheus's own time, at {conns} connection(s): "
+        f"{'met' if ratio <= 1.3 else 'NOT met'} (mean latency ratio {ratio:.2f})."
+        for conns, ratio in verdicts
+    ] + [""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The API as deployed: gunicorn with 4 workers sharing one Redis for limits and the cache, and
+one /metrics for all of them (prometheus_client multiprocess mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests import servers
+from tests.api.conftest import API_KEY, ROOT, KnownPrometheus
+from tests.helpers import config_dict
+
+LIMIT = 20
+SENT = 50
+
+
+@pytest.mark.integration
+def test_four_workers_share_limits_cache_and_metrics(
+    known_prometheus: KnownPrometheus, redis_server: servers.RedisServer, tmp_path: Path
+) -> None:
+    cfg = config_dict(api={"prometheus_url": known_prometheus.url, "redis_url": redis_server.url,
+                           "rate_limit": f"{LIMIT}/minute", "cache_ttl_seconds": 60,
+                           "api_keys_env": "TEST_API_KEYS"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    metrics_dir = tmp_path / "metrics"
+    port = servers.free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AICRM_CONFIG": str(tmp_path / "config.json"),
+        "TEST_API_KEYS": API_KEY,
+        "AICRM_API_BIND": f"127.0.0.1:{port}",
+        "AICRM_API_ACCESS_LOG": str(tmp_path / "access.log"),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # on_starting wipes this
+    url = f"http://127.0.0.1:{port}"
+    gunicorn = servers.ProcessHandle("gunicorn", tmp_path)
+    gunicorn.start(
+        [sys.executable, "-m", "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
+         "api:create_app()"],
+        cwd=ROOT, env=env, ready_check=servers.http_ok(url + "/healthz"), timeout=60,
+    )
+    try:
+        # The cache: one miss, then hits from whichever worker answers.
+        with requests.Session() as s:
+            caches = [s.get(url + "/agent-performance?window=2h",
+                            headers={"X-API-Key": API_KEY}, timeout=10).headers["X-Cache"]
+                      for _ in range(10)]
+        assert Counter(caches) == {"MISS": 1, "HIT": 9}
+
+        # The limit: 50 requests from 5 clients, each on a new connection so that every worker
+        # takes some; exactly 20 are allowed across the 4 workers.
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def client() -> None:
+            with requests.Session() as s:
+                for _ in range(SENT // 5):
+                    with s.get(url + "/task-completion", timeout=10,
+                               headers={"Connection": "close"}) as r:
+                        with lock:
+                            codes.append(r.status_code)
+                        if r.status_code == 429:
+                            assert r.json()["error"]["code"] == "rate_limited"
+                            assert int(r.headers["Retry-After"]) > 0
+
+        threads = [threading.Thread(target=client) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert Counter(codes) == {200: LIMIT, 429: SENT - LIMIT}
+
+        # /metrics sums every worker's files.
+        pids = {p.stem.rsplit("_", 1)[1] for p in metrics_dir.glob("*.db")}
+        assert len(pids) >= 2 and "999999" not in pids
+        with requests.get(url + "/metrics", timeout=10) as r:
+            text = r.text
+        counts = {}
+        for line in text.splitlines():
+            if line.startswith("aicrm_api_requests_total{") and '"/task-completion"' in line:
+                code = line.split('code="', 1)[1].split('"', 1)[0]
+                counts[code] = float(line.rsplit(" ", 1)[1])
+        assert counts == {"200": LIMIT, "429": SENT - LIMIT}
+    finally:
+        gunicorn.stop()
+    access = (tmp_path / "access.log").read_text().splitlines()
+    entries = [json.loads(line) for line in access]
+    assert len(entries) >= SENT + 10
+    assert {e["path"] for e in entries} >= {"/task-completion", "/agent-performance"}
+    assert all(e["request_id"] for e in entries if e["path"] != "/healthz")
+    assert API_KEY not in (tmp_path / "access.log").read_text()
+    assert API_KEY not in gunicorn.log_path.read_text()

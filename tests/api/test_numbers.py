@@ -1,0 +1,192 @@
+"""Every number the endpoints return, against values computed by hand from tests/api/data.py.
+
+The data's rates are constant, so a window of W seconds holds rate x W of everything; the
+percentiles interpolate linearly inside the bucket the rank falls in, as histogram_quantile does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.api.conftest import AUTH
+
+
+def approx(x: float) -> Any:
+    """Equal up to float rounding and scrape-time jitter at a window's edges."""
+    return pytest.approx(x, rel=1e-4, abs=1e-9)
+
+
+def values(block: dict[str, Any]) -> dict[str, Any]:
+    """{name: value} of a block of {value, unit} quantities."""
+    return {k: v["value"] for k, v in block.items() if isinstance(v, dict) and "unit" in v}
+
+
+def by(items: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    return {item[key]: item for item in items}
+
+
+def test_task_completion_1h(client: Any) -> None:
+    r = client.get("/task-completion?window=1h")
+    assert r.status_code == 200, r.json
+    body = r.json
+    assert body["window"] == "1h" and body["window_seconds"] == 3600
+    assert body["filters"] == {"task_type": None, "agent": None}
+    types = by(body["data"]["task_types"], "task_type")
+    assert sorted(types) == ["qualify_lead", "write_email"]
+    # qualify_lead: completed 0.4 + 0.1 = 0.5/s, failed 0.05/s, cancelled 0.05/s, terminal 0.6/s.
+    # Durations 0.25/s in (30, 60] and 0.25/s in (60, 90]:
+    #   p50: rank 0.25 -> 30 + 30 * 0.25/0.25 = 60; p95: rank 0.475 -> 60 + 30 * 0.225/0.25 = 87;
+    #   p99: rank 0.495 -> 60 + 30 * 0.245/0.25 = 89.4.
+    assert values(types["qualify_lead"]) == {
+        "completion_ratio": approx(0.5 / 0.6), "completed": approx(1800), "failed": approx(180),
+        "cancelled": approx(180), "terminal": approx(2160), "throughput": approx(0.5),
+        "duration_p50": approx(60), "duration_p95": approx(87), "duration_p99": approx(89.4),
+    }
+    # write_email: completed 0.3/s, failed 0.1/s, none cancelled; durations 0.4/s in (10, 15]:
+    #   p50 = 10 + 5 * 0.5 = 12.5, p95 = 14.75, p99 = 14.95.
+    assert values(types["write_email"]) == {
+        "completion_ratio": approx(0.75), "completed": approx(1080), "failed": approx(360),
+        "cancelled": approx(0), "terminal": approx(1440), "throughput": approx(0.3),
+        "duration_p50": approx(12.5), "duration_p95": approx(14.75), "duration_p99": approx(14.95),
+    }
+    # Overall: completed 0.8/s of 1.0/s. Cumulative buckets le=15: 0.4, 30: 0.4, 60: 0.65,
+    # 90: 0.9. p50: rank 0.45 -> 30 + 30 * 0.05/0.25 = 36; p95: rank 0.855 -> 60 + 30 * 0.205/0.25
+    # = 84.6; p99: rank 0.891 -> 60 + 30 * 0.241/0.25 = 88.92.
+    assert values(body["data"]["overall"]) == {
+        "completion_ratio": approx(0.8), "completed": approx(2880), "failed": approx(540),
+        "cancelled": approx(180), "terminal": approx(3600), "throughput": approx(0.8),
+        "duration_p50": approx(36), "duration_p95": approx(84.6), "duration_p99": approx(88.92),
+    }
+    assert body["data"]["overall"]["throughput"]["unit"] == "tasks/s"
+    assert body["data"]["overall"]["duration_p95"]["unit"] == "s"
+
+
+def test_task_completion_filtered_by_agent_reads_raw_counters(client: Any) -> None:
+    r = client.get("/task-completion?window=10m&agent=email-writer")
+    assert r.status_code == 200, r.json
+    types = by(r.json["data"]["task_types"], "task_type")
+    # email-writer: qualify_lead 0.1/s completed only, no durations recorded for it;
+    # write_email 0.3/s completed + 0.1/s failed; 600 s.
+    assert values(types["qualify_lead"]) == {
+        "completion_ratio": approx(1), "completed": approx(60), "failed": approx(0),
+        "cancelled": approx(0), "terminal": approx(60), "throughput": approx(0.1),
+        "duration_p50": None, "duration_p95": None, "duration_p99": None,
+    }
+    assert values(types["write_email"])["completed"] == approx(180)
+    assert values(types["write_email"])["duration_p95"] == approx(14.75)
+    overall = values(r.json["data"]["overall"])
+    assert overall["completed"] == approx(240) and overall["terminal"] == approx(300)
+    assert overall["completion_ratio"] == approx(0.8)
+
+
+def test_task_completion_short_and_long_windows(client: Any) -> None:
+    # 1m is shorter than any recorded window: the 5m rates answer it.
+    short = client.get("/task-completion?window=1m&task_type=write_email").json
+    assert [t["task_type"] for t in short["data"]["task_types"]] == ["write_email"]
+    assert values(short["data"]["overall"])["completed"] == approx(0.3 * 60)
+    assert values(short["data"]["overall"])["completion_ratio"] == approx(0.75)
+    # 30d: the mean of the 1h rates times 2,592,000 s.
+    long = client.get("/task-completion?window=30d&task_type=qualify_lead").json
+    assert long["window"] == "30d"
+    assert values(long["data"]["overall"])["completed"] == approx(0.5 * 2_592_000)
+    assert values(long["data"]["overall"])["duration_p95"] == approx(87)
+    # A declared-looking task type without data: nulls, not zeros.
+    none = client.get("/task-completion?task_type=no_such_type").json
+    assert none["data"]["task_types"] == []
+    assert set(values(none["data"]["overall"]).values()) == {None}
+
+
+def test_agent_performance_1h(client: Any) -> None:
+    r = client.get("/agent-performance?window=1h")
+    assert r.status_code == 200, r.json
+    agents = by(r.json["data"]["agents"], "agent")
+    assert sorted(agents) == ["email-writer", "lead-qualifier"]
+    lead, email = agents["lead-qualifier"], agents["email-writer"]
+    # lead-qualifier: 1.0 result/s (0.96 success, 0.02 failure, 0.02 escalated), 0.1 retries/s,
+    # durations 1.0/s in (90, 120] -> p95 = 90 + 30 * 0.95 = 118.5; 150 tokens/s; $0.002/s;
+    # objective 0.95 (config), met.
+    assert values(lead) == {
+        "success_ratio": approx(0.96), "results_total": approx(3600),
+        "escalation_ratio": approx(0.02), "retries": approx(360), "retries_per_task": approx(0.1),
+        "duration_p95": approx(118.5), "tokens": approx(540_000), "tokens_per_task": approx(150),
+        "spend": approx(7.2), "cost_per_successful_task": approx(0.002 / 0.96),
+        "objective": approx(0.95), "escalations": approx(72),
+    }
+    assert values(lead["results"]) == {"success": approx(3456), "failure": approx(72),
+                                       "escalated": approx(72)}
+    assert lead["objective_met"] is True
+    # email-writer: 0.5 + 0.5 results/s: success 0.2 + 0.4, failure 0.2 + 0.1, escalated 0.1;
+    # retries 0.05 + 0.25; durations 0.5/s in (5, 10], 0.5/s in (10, 15] -> p95 = 10 + 5 * 0.9
+    # = 14.5; 300 tokens/s; $0.0012/s; objective = agent_success_ratio_min 0.9, not met.
+    assert values(email) == {
+        "success_ratio": approx(0.6), "results_total": approx(3600),
+        "escalation_ratio": approx(0.1), "retries": approx(1080), "retries_per_task": approx(0.3),
+        "duration_p95": approx(14.5), "tokens": approx(1_080_000), "tokens_per_task": approx(300),
+        "spend": approx(4.32), "cost_per_successful_task": approx(0.002),
+        "objective": approx(0.9), "escalations": approx(360),
+    }
+    assert email["objective_met"] is False
+    assert email["spend"]["unit"] == "usd" and email["tokens"]["unit"] == "tokens"
+
+
+def test_agent_performance_one_agent_other_window(client: Any) -> None:
+    r = client.get("/agent-performance?window=2h&agent=lead-qualifier")
+    agents = r.json["data"]["agents"]
+    assert [a["agent"] for a in agents] == ["lead-qualifier"]
+    assert values(agents[0])["results_total"] == approx(7200)
+    assert values(agents[0])["spend"] == approx(14.4)
+    assert r.json["filters"] == {"agent": "lead-qualifier"}
+
+
+def test_executive_dashboard(client: Any) -> None:
+    r = client.get("/executive-dashboard?window=1h", headers=AUTH)
+    assert r.status_code == 200, r.json
+    data = r.json["data"]
+
+    def kpi(name: str) -> dict[str, Any]:
+        return {k: v for k, v in data["kpis"][name].items() if k != "unit"}
+
+    # Now: completed 0.8/s of 1.0/s terminal; results 2.0/s of which 1.56/s successful;
+    # spend $0.0032/s; human time saved 0.5/s x 900 s + 0.3/s x 600 s = 630 s/s.
+    # The hour before (tests/api/data.py PREVIOUS): 0.4, 0.8, 1.0 of 2.0, $0.0016/s, 315 s/s.
+    assert kpi("tasks_completed") == {"value": approx(2880), "previous": approx(1440),
+                                      "change": approx(1440), "change_ratio": approx(1.0)}
+    assert kpi("task_completion_ratio") == {"value": approx(0.8), "previous": approx(0.5),
+                                            "change": approx(0.3), "change_ratio": approx(0.6)}
+    assert kpi("agent_success_ratio") == {"value": approx(0.78), "previous": approx(0.5),
+                                          "change": approx(0.28), "change_ratio": approx(0.56)}
+    assert kpi("spend") == {"value": approx(11.52), "previous": approx(5.76),
+                            "change": approx(5.76), "change_ratio": approx(1.0)}
+    assert kpi("cost_per_successful_task") == {
+        "value": approx(0.0032 / 1.56), "previous": approx(0.0016),
+        "change": approx(0.0032 / 1.56 - 0.0016),
+        "change_ratio": approx((0.0032 / 1.56 - 0.0016) / 0.0016),
+    }
+    assert kpi("human_hours_saved") == {"value": approx(630), "previous": approx(315),
+                                        "change": approx(315), "change_ratio": approx(1.0)}
+    assert data["kpis"]["human_hours_saved"]["unit"] == "h"
+    # Efficiency (weights 0.4/0.3/0.2/0.1): completion 0.8/0.95, success 0.78/0.9, speed 1
+    # (p95 87 s < 120 s target, 14.75 s < 60 s), retries 1/(1 + 0.4/2.0).
+    eff = data["scores"]["workflow_efficiency"]
+    expected = 100 * (0.4 * 0.8 / 0.95 + 0.3 * 0.78 / 0.9 + 0.2 * 1 + 0.1 / 1.2)
+    assert eff["value"] == approx(expected) and eff["previous"] == approx(80)
+    assert eff["change"] == approx(expected - 80)
+    assert values(eff["components"]) == {"completion": approx(0.8 / 0.95),
+                                         "success": approx(0.78 / 0.9), "speed": approx(1),
+                                         "retries": approx(1 / 1.2)}
+    # Health (0.3/0.3/0.3/0.1): sources 1, integrations 0 (salesforce fails 10% > 2%),
+    # agents 0.5 (one of two meets its objective), backlog min(1, 500/250) = 1 -> 55.
+    health = data["scores"]["system_health"]
+    assert health["value"] == approx(55) and health["previous"] == approx(40)
+    assert health["change_ratio"] == approx(15 / 40)
+    firing = {(a["name"], tuple(sorted(a["labels"].items()))) for a in data["alerts"]}
+    assert ("AicrmAgentSuccessBelowObjective",
+            (("agent", "email-writer"), ("team", "marketing"))) in firing
+    assert ("AicrmIntegrationErrorRatioHigh", (("platform", "salesforce"),)) in firing
+    assert all(a["severity"] != "recommendation" for a in data["alerts"])
+    route = [a for a in data["recommendations"] if a["name"] == "AicrmRecommendRouteTaskType"]
+    assert len(route) == 1
+    assert route[0]["labels"] == {"agent": "lead-qualifier", "task_type": "qualify_lead"}
+    assert route[0]["summary"].startswith("Route qualify_lead tasks to lead-qualifier")

@@ -1,0 +1,115 @@
+"""Backend failures: Prometheus stopped is 503, a backend slower than the timeout is 504; both
+JSON without a stack trace. /readyz follows the backend, /healthz does not."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from api.promql import BackendTimeout, BackendUnavailable, PrometheusClient
+from tests import servers
+from tests.api.conftest import AUTH, KnownPrometheus
+
+DATA_PATHS = ("/task-completion", "/agent-performance", "/executive-dashboard",
+              "/export?dataset=task_throughput")
+
+
+class SlowBackend:
+    """Answers every request after ``delay`` seconds (to trip the API's query timeout)."""
+
+    def __init__(self, delay: float) -> None:
+        stop = self.stop_event = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _slow(self) -> None:
+                stop.wait(delay)
+                body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+            do_GET = do_POST = _slow  # noqa: N815
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def slow_backend() -> Iterator[SlowBackend]:
+    backend = SlowBackend(5)
+    yield backend
+    backend.close()
+
+
+@pytest.mark.integration
+def test_prometheus_stopped_is_503(prometheus_factory: Callable[..., servers.PrometheusServer],
+                                   make_app: Callable[..., Flask]) -> None:
+    prom = prometheus_factory({"global": {"scrape_interval": "15s"}})
+    c = make_app(prom.url).test_client()
+    assert c.get("/readyz").status_code == 200
+    assert c.get("/task-completion").status_code == 200
+    prom.stop()
+    for path in DATA_PATHS:
+        r = c.get(path, headers=AUTH)
+        assert r.status_code == 503, path
+        assert r.json["error"]["code"] == "backend_unavailable"
+        assert "Traceback" not in r.get_data(as_text=True)
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and ready.json["status"] == "unavailable"
+    assert c.get("/healthz").status_code == 200
+
+
+def test_slow_backend_is_504(slow_backend: SlowBackend, make_app: Callable[..., Flask]) -> None:
+    c = make_app(slow_backend.url, query_timeout_seconds=0.3).test_client()
+    for path in DATA_PATHS:
+        started = time.monotonic()
+        r = c.get(path, headers=AUTH)
+        assert r.status_code == 504, path
+        assert time.monotonic() - started < 2
+        assert r.json["error"]["code"] == "backend_timeout"
+    assert c.get("/readyz").status_code == 503
+
+
+def test_client_maps_errors(slow_backend: SlowBackend, known_prometheus: KnownPrometheus) -> None:
+    slow = PrometheusClient(slow_backend.url, timeout=0.2)
+    try:
+        with pytest.raises(BackendTimeout):
+            slow.query("vector(1)")
+    finally:
+        slow.close()
+    dead = PrometheusClient(f"http://127.0.0.1:{servers.free_port()}", timeout=1)
+    try:
+        with pytest.raises(BackendUnavailable):
+            dead.query("vector(1)")
+    finally:
+        dead.close()
+    live = PrometheusClient(known_prometheus.url, timeout=5)
+    try:
+        assert live.query("vector(2)")[0].value == 2.0
+        assert live.query("0/0")[0].value is None  # NaN is null
+        assert live.alerts() is not None
+    finally:
+        live.close()

@@ -1,0 +1,61 @@
+"""api/queries.py reads only series the rule files record, and picks bases as documented."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from api import queries
+from tests.api.conftest import RULES
+
+WINDOWS = (60, 300, 600, 3600, 7200, 86400, 3 * 86400, 30 * 86400)
+
+
+def _recorded() -> set[str]:
+    names = set()
+    for path in RULES.glob("*.rules.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            names.update(r["record"] for r in group["rules"] if "record" in r)
+    return names
+
+
+def test_every_series_read_is_recorded() -> None:
+    exprs = [d.series for d in queries.DATASETS.values()]
+    for w in WINDOWS:
+        exprs += [queries.task_completion(w, "t", None).expr,
+                  queries.agent_performance(w, "a").expr, queries.executive(w).expr]
+    used = {n for e in exprs for n in re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", e)}
+    assert used - _recorded() == set()
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        (60, "task_type_status:aicrm_tasks:rate5m"),
+        (300, "task_type_status:aicrm_tasks:rate5m"),
+        (600, "avg_over_time(task_type_status:aicrm_tasks:rate5m[600s])"),
+        (3600, "task_type_status:aicrm_tasks:rate1h"),
+        (30 * 86400, "avg_over_time(task_type_status:aicrm_tasks:rate1h[2592000s])"),
+    ],
+)
+def test_bases(window: int, expected: str) -> None:
+    assert queries.TASKS.mean(window) == expected
+
+
+def test_offsets_and_1d_bases() -> None:
+    assert (queries.SPEND.mean(2 * 86400, (), offset=2 * 86400)
+            == "avg_over_time(agent:aicrm_agent_cost_usd:rate1d[172800s] offset 172800s)")
+    assert queries.G_SAVED.mean(60) == "global:aicrm_task_human_seconds_saved:rate1h"
+
+
+def test_raw_families_use_subqueries() -> None:
+    assert queries.RAW_TASKS.mean(600, ['agent="a"']) == (
+        'avg_over_time((sum by (task_type, status) (rate(aicrm_tasks_total{agent="a"}[5m])))'
+        "[600s:30s])")
+    assert queries.RAW_TASKS.mean(30 * 86400).endswith("[2592000s:3600s])")
+
+
+def test_matcher_quotes() -> None:
+    assert queries.matcher("agent", 'a"b\\') == 'agent="a\\"b\\\\"'
