@@ -30,6 +30,7 @@ import prometheus_client
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_model  # noqa: E402
 from exporter import catalog as c  # noqa: E402
 from exporter.config import Config, load_config  # noqa: E402
 from exporter.events import (  # noqa: E402
@@ -191,16 +192,6 @@ def scrape_ms(cfg: Config, events: list[Event]) -> tuple[float, float]:
         out.append(best / 1e6)
     inst.shutdown()
     return out[0], out[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def versions() -> str:

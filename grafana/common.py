@@ -181,15 +181,37 @@ def stat_panel(
     """A big number (the last value of each series)."""
     panel = (
         stat.Panel()
-        .title(title)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .color_mode(common.BigValueColorMode.VALUE)
+        .text_mode(common.BigValueTextMode.AUTO)
+    )
+    return _last_value_panel(panel, title, description, unit, targets, width, height, color,
+                             min_val, max_val)
+
+
+PanelT = typing.TypeVar("PanelT", stat.Panel, bargauge.Panel)
+
+
+def _last_value_panel(
+    panel: PanelT,
+    title: str,
+    description: str,
+    unit: str,
+    targets: Sequence[prometheus.Dataquery],
+    width: int,
+    height: int,
+    color: model.FieldColorModeId,
+    min_val: float | None,
+    max_val: float | None,
+) -> PanelT:
+    """What stat and bar gauge panels share: one reduced value per series, units, colours."""
+    panel = (
+        panel.title(title)
         .description(description)
         .datasource(DATASOURCE)
         .unit(unit)
         .span(width)
         .height(height)
-        .graph_mode(common.BigValueGraphMode.AREA)
-        .color_mode(common.BigValueColorMode.VALUE)
-        .text_mode(common.BigValueTextMode.AUTO)
         .reduce_options(
             common_builder.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
         )
@@ -225,25 +247,11 @@ def bar_panel(
     """Horizontal bars, one per series: comparing agents, platforms or components now."""
     panel = (
         bargauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(width)
-        .height(height)
         .orientation(common.VizOrientation.HORIZONTAL)
         .display_mode(common.BarGaugeDisplayMode.GRADIENT)
-        .reduce_options(
-            common_builder.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
-        )
-        .color_scheme(_color(color))
-        .targets(list(targets))
     )
-    if min_val is not None:
-        panel = panel.min(min_val)
-    if max_val is not None:
-        panel = panel.max(max_val)
-    return panel
+    return _last_value_panel(panel, title, description, unit, targets, width, height, color,
+                             min_val, max_val)
 
 
 def table_panel(
@@ -294,9 +302,6 @@ def table_panel(
             field, [model.DynamicConfigValue(id_val="unit", value=column_unit)]
         )
     return panel
-
-
-PanelT = typing.TypeVar("PanelT", stat.Panel, bargauge.Panel)
 
 
 def threshold_from_query(
