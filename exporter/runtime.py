@@ -19,7 +19,6 @@ from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
 from .server import Handlers, Server
 from .sources.files import FileTailer, Watch
-from .sources.push import SOURCE as PUSH_SOURCE
 from .sources.push import Journal, ingest_batch
 from .state import StateFile
 
@@ -170,5 +169,3 @@ class Exporter:
         if self.journal is not None:
             self.journal.close()
 
-
-__all__ = ["Exporter", "PUSH_SOURCE"]
