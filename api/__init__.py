@@ -11,18 +11,19 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flask import Flask, g, request
+import redis
+from flask import Flask, Response, g, request
 from flask_cors import CORS
-from flask_limiter import Limiter
 from limits import parse_many
 
 from exporter.config import Config, ConfigError, load_config, parse_config
 
 from . import errors, observability
-from .cache import ResponseCache, make_cache
-from .common import SERVICES, Services
+from .cache import RedisCache, ResponseCache, cache_key, make_cache
+from .common import CACHE_PREFETCH, SERVICES, Services, is_cached
 from .observability import RequestMetrics
 from .promql import PrometheusClient
+from .ratelimit import Counters, MemoryCounters, RateLimited, RateLimiter, RedisCounters
 from .security import KeyChecker, key_id, keys_from_env, presented_key
 
 PROTECTED_ENDPOINTS = frozenset({"executive.executive_dashboard", "export.export"})
@@ -75,17 +76,33 @@ def create_app(
     if not keys.configured:
         logger.warning("no API keys configured: key-protected endpoints answer 401",
                        extra={"env_var": cfg.api.api_keys_env})
+    cache = cache or make_cache(cfg.api.redis_url)
     svc = Services(
         config=cfg,
         prometheus=prometheus
         or PrometheusClient(cfg.api.prometheus_url, cfg.api.query_timeout_seconds),
-        cache=cache or make_cache(cfg.api.redis_url),
+        cache=cache,
         keys=keys,
         metrics=metrics or RequestMetrics(),
         logger=logger,
         protected=PROTECTED_ENDPOINTS,
     )
+    counters: Counters
+    if cfg.api.redis_url:
+        # The limiter shares the cache's connection pool, so a cached endpoint's lookup rides
+        # along with the limiter's script: one Redis round trip per request.
+        if isinstance(cache, RedisCache):
+            counters = RedisCounters(cache.client)
+        else:
+            counters = RedisCounters(redis.Redis.from_url(
+                cfg.api.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5))
+    else:
+        counters = MemoryCounters()
+    prefetch_cache = (isinstance(cache, RedisCache) and isinstance(counters, RedisCounters)
+                      and counters.client is cache.client)
+    limiter = RateLimiter(cfg.api.rate_limit, counters, logger)
     app.extensions[SERVICES] = svc
+    app.extensions["aicrm_limiter"] = limiter
     errors.register(app)
     observability.install(app, svc.metrics, logger)
 
@@ -101,46 +118,55 @@ def create_app(
         if key is not None and keys.valid(key):
             g.key_id = key_id(key)
 
-    def rate_key() -> str:
-        """Per API key when the request carries a valid one, else per client address."""
+    @app.before_request
+    def _rate_limit() -> None:
+        """Per API key when the request carries a valid one, else per client address; every
+        data endpoint counts against the same windows."""
+        endpoint = request.endpoint
+        if request.method == "OPTIONS" or endpoint is None or endpoint in PUBLIC_ENDPOINTS:
+            return
         kid = g.get("key_id")
-        return f"key:{kid}" if kid else f"addr:{request.remote_addr or 'unknown'}"
+        client = f"key:{kid}" if kid else f"addr:{request.remote_addr or 'unknown'}"
+        prefetch = None
+        if (prefetch_cache and cfg.api.cache_ttl_seconds > 0
+                and is_cached(app.view_functions.get(endpoint))):
+            prefetch = cache_key(request.path, request.args.items(multi=True))
+        state, body = limiter.hit(client, prefetch)
+        if state is None:
+            return
+        g.rate_limit = state
+        if state.exceeded:
+            raise RateLimited(f"rate limit exceeded ({state.limit})", headers=state.headers())
+        if prefetch is not None:
+            g.setdefault(CACHE_PREFETCH, (prefetch, body))
 
-    limiter = Limiter(
-        rate_key,
-        app=app,
-        application_limits=[cfg.api.rate_limit],
-        application_limits_exempt_when=lambda: request.method == "OPTIONS",
-        storage_uri=cfg.api.redis_url or "memory://",
-        strategy="fixed-window",
-        headers_enabled=True,
-        key_prefix="aicrm-api",
-        swallow_errors=True,
-    )
-    app.extensions["aicrm_limiter"] = limiter
+    @app.after_request
+    def _rate_limit_headers(response: Response) -> Response:
+        state = g.get("rate_limit")
+        if state is not None:
+            for k, v in state.headers().items():
+                response.headers.setdefault(k, v)
+        return response
+
     CORS(app, origins=list(cfg.api.cors_origins), methods=["GET", "OPTIONS"],
          allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600,
          supports_credentials=False)
 
     from . import agents, executive, export, health, tasks
 
-    limiter.exempt(health.bp)
     for bp in (health.bp, tasks.bp, agents.bp, executive.bp, export.bp):
         app.register_blueprint(bp)
     return app
 
 
 def close_app(app: Flask) -> None:
-    """Release the app's connections (Prometheus pool, Redis) when it is discarded."""
+    """Release the app's connections (Prometheus, Redis) when it is discarded."""
     svc: Services = app.extensions[SERVICES]
     svc.prometheus.close()
     svc.cache.close()
     limiter = app.extensions.get("aicrm_limiter")
-    storage = getattr(limiter, "storage", None) if limiter is not None else None
-    client = getattr(storage, "storage", None)
-    close = getattr(client, "close", None)
-    if callable(close):
-        close()
+    if isinstance(limiter, RateLimiter):
+        limiter.close()
 
 
 __all__ = ["create_app", "close_app"]

@@ -51,8 +51,8 @@ def agent_performance() -> Response:
     agent = validation.label_value(args, "agent")
     svc = services()
     now = time.time()
-    query = queries.agent_performance(window.seconds, agent)
-    fields = queries.split(svc.prometheus.query(query.expr, now))
+    expr = queries.expr_of(queries.agent_performance, window.seconds, agent)
+    fields = queries.split(svc.prometheus.query(expr, now))
     # Agents with results or spend in the window; a bare objective is not activity.
     active = {k: v for k, v in fields.items() if k not in ("objective", "objective_met")}
     data = {"agents": [_agent(fields, a) for a in label_values(active, "agent")]}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 from flask import Response, current_app, g, request
 
 from exporter.config import Config
@@ -21,6 +21,9 @@ from .security import KeyChecker
 from .validation import Window, rfc3339
 
 SERVICES = "aicrm"
+CACHE_PREFETCH = "cache_prefetch"
+"""``g`` key: (cache key, stored body or None), fetched with the rate-limit check."""
+_CACHED_ATTR = "_aicrm_cached"
 
 
 @dataclass
@@ -71,9 +74,17 @@ def envelope(window: Window | None, evaluated_at: float, data: Any,
     return body
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status=status,
-                    mimetype="application/json")
+    """Compact JSON (msgspec); values are already null where the backend had no number."""
+    return Response(_encode(body), status=status, mimetype="application/json")
+
+
+def is_cached(view: object) -> bool:
+    """Whether a view function is wrapped by ``cached``."""
+    return bool(getattr(view, _CACHED_ATTR, False))
 
 
 F = TypeVar("F", bound=Callable[..., Response])
@@ -88,10 +99,15 @@ def cached(view: F) -> F:
         ttl = svc.config.api.cache_ttl_seconds
         if ttl <= 0:
             return view(*args, **kwargs)
-        key = cache_key(request.path, request.args.items(multi=True))
-        body = svc.cache.get(key)
+        prefetched = g.get(CACHE_PREFETCH)
+        if prefetched is not None:
+            key, body = prefetched
+        else:
+            key = cache_key(request.path, request.args.items(multi=True))
+            body = svc.cache.get(key)
         if body is not None:
             svc.metrics.cache.labels("hit").inc()
+            # The stored bytes as they are: no decoding or re-encoding on a hit.
             resp = Response(body, mimetype="application/json")
             resp.headers["X-Cache"] = "HIT"
             return resp
@@ -102,6 +118,7 @@ def cached(view: F) -> F:
         resp.headers["X-Cache"] = "MISS"
         return resp
 
+    setattr(wrapper, _CACHED_ATTR, True)
     return wrapper  # type: ignore[return-value]
 
 

@@ -75,7 +75,8 @@ def executive_dashboard() -> Response:
     window = validation.window(request.args, DEFAULT_WINDOW)
     svc = services()
     now = time.time()
-    fields = queries.split(svc.prometheus.query(queries.executive(window.seconds).expr, now))
+    expr = queries.expr_of(queries.executive, window.seconds)
+    fields = queries.split(svc.prometheus.query(expr, now))
     alerts = _alerts(svc, now)
     data = {
         "kpis": {

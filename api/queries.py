@@ -21,8 +21,10 @@ the fields are joined with ``or``, so a response is a single round trip evaluate
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .promql import Sample
 
@@ -158,6 +160,14 @@ class Query:
         return "\nor ".join(
             f'label_replace({e}, "{FIELD_LABEL}", "{n}", "", "")' for n, e in self.fields.items()
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def expr_of(builder: Callable[..., Query], *args: Any) -> str:
+    """``builder(*args).expr``, memoized: an endpoint sends one of a few expressions, and
+    building a 3-4 kB one costs about 0.2 ms a request. Bounded, as the arguments come from
+    validated query parameters."""
+    return builder(*args).expr
 
 
 def split(samples: Iterable[Sample]) -> dict[str, list[Sample]]:

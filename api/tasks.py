@@ -43,8 +43,8 @@ def task_completion() -> Response:
     agent = validation.label_value(args, "agent")
     svc = services()
     now = time.time()
-    query = queries.task_completion(window.seconds, task_type, agent)
-    fields = queries.split(svc.prometheus.query(query.expr, now))
+    expr = queries.expr_of(queries.task_completion, window.seconds, task_type, agent)
+    fields = queries.split(svc.prometheus.query(expr, now))
     per_type = {k: v for k, v in fields.items() if k.startswith("task_type.")}
     data = {
         "overall": _block(fields, "overall"),

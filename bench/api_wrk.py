@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,8 @@ def wrk(url: str, connections: int, duration: int, threads: int = 2) -> dict[str
 
 
 def start_api(tmp: Path, name: str, prometheus_url: str, redis_url: str | None,
-              cache_ttl: float) -> tuple[servers.ProcessHandle, str]:
+              cache_ttl: float, workers: int | None = None,
+              threads: int | None = None) -> tuple[servers.ProcessHandle, str]:
     cfg = config_dict(api={"prometheus_url": prometheus_url, "redis_url": redis_url,
                            "cache_ttl_seconds": cache_ttl, "rate_limit": "100000000/minute",
                            "api_keys_env": "BENCH_API_KEYS"})
@@ -74,12 +76,43 @@ def start_api(tmp: Path, name: str, prometheus_url: str, redis_url: str | None,
            "AICRM_API_BIND": f"127.0.0.1:{port}",
            "AICRM_API_ACCESS_LOG": str(workdir / "access.log"),
            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics")}
+    if workers is not None:
+        env["AICRM_API_WORKERS"] = str(workers)
+    if threads is not None:
+        env["AICRM_API_THREADS"] = str(threads)
     url = f"http://127.0.0.1:{port}"
     handle = servers.ProcessHandle(f"gunicorn-{name}", workdir)
     handle.start([sys.executable, "-m", "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
                   "api:create_app()"], cwd=ROOT, env=env,
                  ready_check=servers.http_ok(url + "/healthz"), timeout=60)
     return handle, url
+
+
+def side_by_side(api_url: str, direct_url: str, connections: int, duration: int,
+                 rounds: int) -> tuple[dict[str, float], dict[str, float], list[float]]:
+    """The endpoint and the query it sends straight to Prometheus, in alternating rounds of
+    ``duration / rounds`` seconds at the same concurrency, so drift (rule evaluations, other
+    load on the shared cores) falls on both alike. Totals over all rounds (requests/s, mean
+    weighted by requests; p50 and p99 the median of the rounds'), and each round's mean ratio."""
+    per = max(1, round(duration / rounds))
+    api_runs, prom_runs = [], []
+    for _ in range(rounds):
+        api_runs.append(wrk(api_url, connections, per, threads=1))
+        prom_runs.append(wrk(direct_url, connections, per, threads=1))
+    ratios = [a["mean"] / p["mean"] for a, p in zip(api_runs, prom_runs, strict=True)]
+    return _total(api_runs, per), _total(prom_runs, per), ratios
+
+
+def _total(runs: list[dict[str, float]], per: int) -> dict[str, float]:
+    n = sum(r["requests"] for r in runs)
+    return {
+        "rps": n / (per * len(runs)),
+        "mean": sum(r["mean"] * r["requests"] for r in runs) / n,
+        "p50": statistics.median(r["p50"] for r in runs),
+        "p99": statistics.median(r["p99"] for r in runs),
+        "requests": n,
+        "non2xx": sum(r["non2xx"] for r in runs),
+    }
 
 
 def _ms(x: float) -> str:
@@ -91,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
     ap.add_argument("--cached-connections", type=int, default=32)
     ap.add_argument("--uncached-connections", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating API/Prometheus rounds per side-by-side measurement")
+    ap.add_argument("--workers", type=int, help="gunicorn workers (default: the config's)")
+    ap.add_argument("--threads", type=int, help="threads per worker (default: the config's)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-api.md"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="aicrm-api-bench-") as tmpname:
@@ -106,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         redis = servers.start_redis(tmp / "redis")
         handles: list[servers.ProcessHandle] = []
         try:
-            cached, cached_url = start_api(tmp, "cached", known.url, redis.url, 3600)
+            cached, cached_url = start_api(tmp, "cached", known.url, redis.url, 3600,
+                                           args.workers, args.threads)
             handles.append(cached)
-            uncached, uncached_url = start_api(tmp, "uncached", known.url, redis.url, 0)
+            uncached, uncached_url = start_api(tmp, "uncached", known.url, redis.url, 0,
+                                               args.workers, args.threads)
             handles.append(uncached)
             with requests.get(cached_url + CACHED_PATH, timeout=10) as r:
                 r.raise_for_status()
@@ -122,10 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             wrk(direct_url, args.uncached_connections, 2)
             side = {}
             for conns in sorted({1, args.uncached_connections}):
-                side[conns] = (
-                    wrk(uncached_url + UNCACHED_PATH, conns, args.duration, threads=1),
-                    wrk(direct_url, conns, args.duration, threads=1),
-                )
+                side[conns] = side_by_side(uncached_url + UNCACHED_PATH, direct_url, conns,
+                                           args.duration, args.rounds)
         finally:
             for h in handles:
                 h.stop()
@@ -143,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {m.get('cpu', m.get('cpu_model', ''))}, {os.cpu_count()} CPUs",
         f"- command: `{cmd}`",
         f"- wrk: {args.duration}s per run, 2 threads, on the same machine as everything else",
-        "- API: gunicorn, api/gunicorn.conf.py (4 gthread workers x 2 threads), Redis for the "
-        "rate limiter and cache, JSON access log on; Prometheus 2.42 with the known data of "
-        "tests/api, evaluating the real rule files at their own intervals",
+        f"- API: gunicorn, api/gunicorn.conf.py ({args.workers or 4} gthread workers x "
+        f"{args.threads or 2} threads), Redis for the rate limiter and cache, JSON access log "
+        "on; Prometheus 2.42 with the known data of tests/api, evaluating the real rule files "
+        "at their own intervals",
         "",
         "## Cached endpoint",
         "",
@@ -162,22 +200,26 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`GET {UNCACHED_PATH}` with the cache off sends one PromQL query "
         f"({len(expr)} characters, {len(queries.agent_performance(3600, None).fields)} fields); "
-        "the same query sent to Prometheus's `/api/v1/query` directly, same connections, "
-        "one after the other (API and Prometheus share the 2 cores):",
+        "the same query sent to Prometheus's `/api/v1/query` directly at the same concurrency, "
+        f"in {args.rounds} alternating rounds of {max(1, round(args.duration / args.rounds))}s "
+        "each (API, Prometheus, API, ...; they share the 2 cores). Requests/s and mean over all "
+        "rounds, p50/p99 the median of the rounds'; the ratio row divides API by Prometheus, "
+        "and the last column gives each round's mean-latency ratio:",
         "",
-        "| connections | | requests/s | mean | p50 | p99 |",
-        "|---|---|---|---|---|---|",
+        "| connections | | requests/s | mean | p50 | p99 | rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
-    for conns, (api_res, prom_res) in side.items():
+    for conns, (api_res, prom_res, rounds) in side.items():
         for name, res in (("API", api_res), ("Prometheus", prom_res)):
             lines.append(f"| {conns} | {name} | {res['rps']:.0f} | {_ms(res['mean'])} "
-                         f"| {_ms(res['p50'])} | {_ms(res['p99'])} |")
+                         f"| {_ms(res['p50'])} | {_ms(res['p99'])} | |")
         ratio = api_res["mean"] / prom_res["mean"]
         verdicts.append((conns, ratio))
         lines.append(f"| {conns} | ratio | {api_res['rps'] / prom_res['rps']:.2f}x "
                      f"| {ratio:.2f}x | {api_res['p50'] / prom_res['p50']:.2f}x "
-                     f"| {api_res['p99'] / prom_res['p99']:.2f}x |")
+                     f"| {api_res['p99'] / prom_res['p99']:.2f}x "
+                     f"| {', '.join(f'{r:.2f}x' for r in rounds)} |")
     lines += [""] + [
         f"Target, within 1.3x of Prometheus's own time, at {conns} connection(s): "
         f"{'met' if ratio <= 1.3 else 'NOT met'} (mean latency ratio {ratio:.2f})."
