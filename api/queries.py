@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from exporter import catalog
+
 from .promql import Sample
 
 FIELD_LABEL = "aicrm_api_field"
@@ -105,8 +107,8 @@ TASK_DURATION_BUCKETS = Recorded({
     "5m": "task_type_le:aicrm_task_duration_seconds_bucket:rate5m",
     "1h": "task_type_le:aicrm_task_duration_seconds_bucket:rate1h",
 })
-RAW_TASKS = Raw("aicrm_tasks_total", ("task_type", "status"))
-RAW_TASK_DURATION_BUCKETS = Raw("aicrm_task_duration_seconds_bucket", ("task_type", "le"))
+RAW_TASKS = Raw(catalog.TASKS.name, ("task_type", "status"))
+RAW_TASK_DURATION_BUCKETS = Raw(catalog.TASK_DURATION.name + "_bucket", ("task_type", "le"))
 
 RESULTS = Recorded({"5m": "agent_task_type_outcome:aicrm_agent_task_results:rate5m",
                     "1h": "agent_task_type_outcome:aicrm_agent_task_results:rate1h"})
@@ -251,7 +253,7 @@ def agent_performance(window: int, agent: str | None) -> Query:
     q.add("cost_per_successful_task", f"{spend} / on (agent) ({successes} > 0)")
     objective = (
         "max by (agent) ("
-        + selector("aicrm_objective", ['name="agent_success_ratio"', 'agent!=""', *m])
+        + selector(catalog.OBJECTIVE.name, ['name="agent_success_ratio"', 'agent!=""', *m])
         + ")"
     )
     q.add("objective", objective)
