@@ -353,8 +353,27 @@ def test_victoria_metrics_with_vmalert_answers_like_prometheus(
     assert seen["global:aicrm_agent_task_results:success_ratio_rate5m"]
     assert len(seen["agent:aicrm_agent_task_results:success_ratio_rate5m"]) == 5
     wait_equal(prometheus, vm, CLOSE, rel=CLOSE_REL, timeout=30, before=vm.force_flush)
+    # The API pointed at either store answers the same (ratios; see the note on rates below).
+    assert api_success_ratios(vm.url) == pytest.approx(api_success_ratios(prometheus.url),
+                                                       rel=1e-9)
     # Rates themselves are not compared here: while the window is not yet full, VictoriaMetrics'
     # rate() divides by the time the samples span, Prometheus' by the window (extrapolated).
+
+
+def api_success_ratios(query_url: str) -> dict[str, float]:
+    """/agent-performance's success ratio per agent, from the REST API over ``query_url``."""
+    import api
+    from tests.api.conftest import api_config
+
+    app = api.create_app(api_config(query_url), api_keys=("scale-test-key",))
+    try:
+        r = app.test_client().get("/agent-performance?window=5m")
+        assert r.status_code == 200, r.json
+        out = {a["agent"]: a["success_ratio"]["value"] for a in r.json["data"]["agents"]}
+    finally:
+        api.close_app(app)
+    assert out and all(v is not None for v in out.values()), out
+    return out
 
 
 @pytest.mark.integration
