@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.servers import ProcessHandle, free_port, http_ok
+from tests.servers import LocalHTTPServer, ProcessHandle, free_port, http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "recording_rules").glob("*.rules.yml")) + sorted(
@@ -63,18 +62,14 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/alerts"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url + "/alerts"
 
     def alerts(self) -> list[dict[str, Any]]:
         return [a for n in list(self.notifications) for a in n["alerts"]]
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.http.close()
 
 
 def alertmanager_config(tmp: Path, webhook_url: str) -> dict[str, Any]:

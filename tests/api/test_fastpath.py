@@ -16,6 +16,7 @@ from api.promql import PrometheusClient
 from api.ratelimit import RedisCounters
 from tests import servers
 from tests.api.conftest import API_KEY, KnownPrometheus
+from tests.servers import LocalHTTPServer
 
 
 def test_redis_limit_and_cache_in_one_script(
@@ -90,16 +91,11 @@ class ClosingBackend:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from flask import Flask
 from api.promql import BackendTimeout, BackendUnavailable, PrometheusClient
 from tests import servers
 from tests.api.conftest import AUTH, KnownPrometheus
+from tests.servers import LocalHTTPServer
 
 DATA_PATHS = ("/task-completion", "/agent-performance", "/executive-dashboard",
               "/export?dataset=task_throughput")
@@ -44,17 +45,12 @@ class SlowBackend:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url
 
     def close(self) -> None:
         self.stop_event.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 @pytest.fixture
