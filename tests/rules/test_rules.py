@@ -80,6 +80,21 @@ def test_rule_files_exist() -> None:
     assert ALERT_FILES
 
 
+def test_docs_group_table_matches_the_rule_files() -> None:
+    """docs/rules.md lists every group once, in its file, at the interval it really has."""
+    text = (ROOT / "docs" / "rules.md").read_text()
+    documented: dict[str, tuple[str, str]] = {}
+    for m in re.finditer(r"^\| (\S+\.yml) \| (aicrm-[a-z0-9-]+) \| (\w+) \|", text, re.MULTILINE):
+        assert m.group(2) not in documented, f"{m.group(2)} listed twice in docs/rules.md"
+        documented[m.group(2)] = (m.group(1), m.group(3))
+    actual = {
+        group["name"]: (str(path.relative_to(RULES_DIR)), group.get("interval", "1m"))
+        for path in RULE_FILES
+        for group in _load(path)["groups"]
+    }
+    assert documented == actual
+
+
 @pytest.mark.parametrize("path", RULE_FILES, ids=_ids(RULE_FILES))
 def test_promtool_check_rules(path: Path) -> None:
     proc = _run([_tool("promtool"), "check", "rules", str(path)])
