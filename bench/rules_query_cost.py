@@ -24,9 +24,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import rules_scale as rs  # noqa: E402
+from bench import rules_scale as rs  # noqa: E402
 
 H = "aicrm_agent_task_duration_seconds"
 QUERIES = (
