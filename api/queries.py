@@ -33,7 +33,9 @@ from .promql import Sample
 FIELD_LABEL = "aicrm_api_field"
 BASES = {"5m": 300, "1h": 3600, "1d": 86400}
 INTERVALS = {"5m": 30, "1h": 60, "1d": 300}
-"""Evaluation interval of the rule groups recording each base (recording_rules/*.rules.yml)."""
+"""Subquery step when a raw family is read over a window longer than its base: the shortest
+interval at which the rules record that base (recording_rules/*.rules.yml; the groups over the
+largest families record less often, docs/rules.md)."""
 MAX_SAMPLES = 1440
 QUANTILES = (0.5, 0.95, 0.99)
 
