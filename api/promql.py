@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import base64
 import functools
-import http.client
 import math
-import socket
+import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, unquote, urlsplit
 
 import msgspec
 
+from . import http11
 from .errors import ApiError
 
 
@@ -71,27 +72,13 @@ def _form(data: dict[str, str]) -> bytes:
                     for k, v in data.items()).encode()
 
 
-class _Connection(http.client.HTTPConnection):
-    """Request line, headers and a form body in one segment, as most HTTP clients send them:
-    http.client writes the body separately, which wakes the backend twice per query."""
-
-    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        if isinstance(message_body, bytes) and not encode_chunked:
-            self._buffer.extend((b"", message_body))  # type: ignore[attr-defined]
-            msg = b"\r\n".join(self._buffer)  # type: ignore[attr-defined]
-            del self._buffer[:]  # type: ignore[attr-defined]
-            self.send(msg)
-            return
-        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
-
-
-_STALE = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError,
-          ConnectionAbortedError, BrokenPipeError)
+_STALE = (http11.ClosedBeforeAnswer, ConnectionResetError, ConnectionAbortedError,
+          BrokenPipeError)
 """What a kept-alive connection the backend has since closed fails with: retried once, fresh."""
 
 
 class PrometheusClient:
-    """One persistent HTTP/1.1 connection per thread (http.client), a timeout on every call.
+    """One persistent HTTP/1.1 connection per thread (api/http11.py), one deadline per call.
 
     A gthread worker's threads each keep their own connection, so no pool lock or per-request
     session set-up sits between a request and its query; bodies are decoded with msgspec.
@@ -104,18 +91,24 @@ class PrometheusClient:
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
-        self._https = parts.scheme == "https"
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
+        self._port = parts.port or (443 if self._ssl else 80)
         self._prefix = parts.path
-        # Loopback or a private network: compressing small JSON costs both sides more than it saves.
-        self._headers = {"Accept-Encoding": "identity", "Accept": "application/json"}
+        host = self._host if ":" not in self._host else f"[{self._host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        # Loopback or a private network: compressing small JSON costs both sides more than it
+        # saves.
+        head = [f"Host: {host}", "Accept: application/json", "Accept-Encoding: identity",
+                "User-Agent: aicrm-api"]
         if parts.username is not None:
             token = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            self._headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            head.append("Authorization: Basic " + base64.b64encode(token.encode()).decode())
+        self._head = "".join(f"{h}\r\n" for h in head)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[http.client.HTTPConnection] = set()
+        self._open: set[http11.Connection] = set()
 
     def close(self) -> None:
         with self._lock:
@@ -123,50 +116,53 @@ class PrometheusClient:
         for conn in conns:
             conn.close()
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection, and whether it has carried a request before."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.sock is not None:
-            return conn, True
-        cls = http.client.HTTPSConnection if self._https else _Connection
-        conn = cls(self._host, self._port, timeout=self.connect_timeout)
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.settimeout(self.timeout)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _connection(self) -> http11.Connection:
+        """This thread's connection, opened when it has none."""
+        conn: http11.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and not conn.closed:
+            return conn
+        if conn is not None:
+            self._forget(conn)
+        conn = http11.Connection(self._host, self._port, connect_timeout=self.connect_timeout,
+                                 ssl_context=self._ssl)
         self._local.conn = conn
         with self._lock:
             self._open.add(conn)
-        return conn, False
+        return conn
 
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
+    def _forget(self, conn: http11.Connection) -> None:
         conn.close()
         with self._lock:
             self._open.discard(conn)
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
 
+    def _request(self, method: str, path: str, body: bytes | None) -> bytes:
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._head}"
+        if body is None:
+            return f"{head}\r\n".encode("latin-1")
+        return (f"{head}Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
     def _exchange(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-        headers = self._headers
-        if body is not None:
-            headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+        request = self._request(method, path, body)
+        deadline = time.monotonic() + self.timeout
         for attempt in (0, 1):
-            conn, reused = self._connection()
+            conn = self._connection()
+            reused = conn.exchanges > 0
             try:
-                conn.request(method, self._prefix + path, body=body, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
+                answer = conn.exchange(request, deadline)
             except _STALE:
-                self._drop(conn)
+                self._forget(conn)
                 if reused and attempt == 0:
                     continue
                 raise
             except BaseException:
-                self._drop(conn)
+                self._forget(conn)
                 raise
-            if resp.will_close:
-                self._drop(conn)
-            return resp.status, raw
+            if conn.closed:
+                self._forget(conn)
+            return answer.status, answer.body
         raise AssertionError("unreachable")
 
     def _call(self, method: str, path: str, data: dict[str, str] | None = None) -> Any:
@@ -177,7 +173,9 @@ class PrometheusClient:
             raise BackendTimeout(
                 f"the metrics backend did not answer within {self.timeout:g}s"
             ) from None
-        except (OSError, http.client.HTTPException):
+        except http11.AnswerTooLarge as exc:
+            raise BackendError(f"the metrics backend's answer is too large: {exc}") from None
+        except OSError:
             raise BackendUnavailable("the metrics backend is unreachable") from None
         try:
             decoded = _decode(raw)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from exporter.config import LABEL_VALUE_RE
 
@@ -152,6 +153,13 @@ def step(args: Mapping[str, str], default: int) -> float:
 
 
 def rfc3339(ts: float) -> str:
-    """Unix seconds as RFC 3339 UTC with millisecond precision."""
-    dt = datetime.fromtimestamp(ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """Unix seconds as RFC 3339 UTC with millisecond precision (truncated, as datetime's
+    microseconds // 1000). Formatted from ``time.gmtime``: ``datetime.strftime`` costs several
+    times more, and this runs twice per response and once per exported point."""
+    whole = math.floor(ts)
+    micros = round((ts - whole) * 1_000_000)  # the fraction is exact; as datetime rounds it
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    t = time.gmtime(whole)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:"
+            f"{t.tm_sec:02d}.{micros // 1000:03d}Z")

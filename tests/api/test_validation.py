@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from api.validation import format_duration, parse_duration
+from api.validation import format_duration, parse_duration, rfc3339
 from tests.api.conftest import AUTH
 
 BAD = [
@@ -70,3 +72,21 @@ def test_unknown_routes_and_methods_are_json(client: Any) -> None:
     assert r.status_code == 404 and r.json["error"]["code"] == "not_found"
     r = client.post("/task-completion")
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
+
+
+def _rfc3339_by_datetime(ts: float) -> str:
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def test_rfc3339_agrees_with_datetime_to_the_millisecond() -> None:
+    """Formatted from time.gmtime, rounded like datetime (to the microsecond, then truncated to
+    the millisecond), including values that sit on a rounding edge."""
+    rng = random.Random(7)
+    edges = [0.0, 1.0005, 1.9995, 1349378758.5249994, 1764000000.9999996, 1764000000.999]
+    values = edges + [rng.uniform(0, 4e9) for _ in range(20_000)]
+    values += [float(rng.randint(0, 4_000_000_000)) + rng.choice((0.0005, 0.9999995, 0.0000005))
+               for _ in range(5_000)]
+    for ts in values:
+        assert rfc3339(ts) == _rfc3339_by_datetime(ts), ts
+    assert rfc3339(1764072000.25) == "2025-11-25T12:00:00.250Z"
