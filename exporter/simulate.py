@@ -288,7 +288,8 @@ class Workload:
         # Healthy agents spend about half their error budget.
         self.base_success = {a: 1 - (1 - o) * 0.5 for a, o in objective.items()}
         self.target = {t.name: t.target_seconds or 60.0 for t in cfg.task_types}
-        self.handlers = self._assign_handlers()
+        self.handlers = self._assign_handlers(
+            {a.name: tuple(a.task_types) for a in cfg.agents})
         self.workflows = self._workflows()
         handled = {a: " ".join([a, *(t for t, hs in self.handlers.items() if a in hs)])
                    for a in self.agents}
@@ -323,12 +324,22 @@ class Workload:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _assign_handlers(self) -> dict[str, list[str]]:
-        """Task type -> agents able to do it: related names first, round-robin otherwise."""
+    def _assign_handlers(self, declared: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+        """Task type -> agents able to do it. When the config says (``agents[].task_types``):
+        the agents that list the type, and those that list none (they handle every type).
+        When no agent lists any: related names first, round-robin otherwise; so does a type
+        that no agent can take."""
         out: dict[str, list[str]] = {}
+        if any(declared.values()):
+            for t in self.target:
+                out[t] = [a for a in self.agents if not declared[a] or t in declared[a]]
         for i, t in enumerate(self.target):
+            if out.get(t):
+                continue
             matched = [a for a in self.agents if _related(t, a)]
             out[t] = matched or [self.agents[i % len(self.agents)]]
+        if any(declared.values()):
+            return out
         idle = [a for a in self.agents if not any(a in hs for hs in out.values())]
         types = list(out)
         for i, a in enumerate(idle):

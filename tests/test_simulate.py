@@ -195,6 +195,28 @@ def test_durations_centre_on_target_seconds(cfg: Config,
         assert 0.8 * t.target_seconds < median < 1.25 * t.target_seconds, t.name
 
 
+def test_declared_task_types_decide_who_does_what() -> None:
+    """agents[].task_types is followed: each agent gets only the types it lists (an agent that
+    lists none takes every type), so the simulator never makes series the exporter did not
+    pre-create; without declarations the name-based pairing stays."""
+    declared = {"lead-qualifier": ["qualify_lead", "enrich_record"],
+                "email-writer": ["write_email"], "meeting-booker": ["book_meeting"],
+                "record-enricher": ["enrich_record"], "support-triager": []}
+    agents = [{**a, "task_types": declared[a["name"]]} for a in CONFIG["agents"]]
+    out, _ = simulate(parse_config({**CONFIG, "agents": agents}), rate=4.0)
+    pairs = Counter((e.agent, e.task_type) for e in out if isinstance(e, TaskResult))
+    for agent, task_type in pairs:
+        assert not declared[agent] or task_type in declared[agent], (agent, task_type)
+    assert pairs[("lead-qualifier", "enrich_record")] > 0
+    assert pairs[("record-enricher", "enrich_record")] > 0
+    every_type = {t["name"] for t in CONFIG["task_types"]}
+    assert {t for a, t in pairs if a == "support-triager"} == every_type
+    undeclared, _ = simulate(parse_config(CONFIG), rate=4.0)
+    inferred = {(e.agent, e.task_type) for e in undeclared if isinstance(e, TaskResult)}
+    assert ("lead-qualifier", "qualify_lead") in inferred
+    assert ("support-triager", "write_email") not in inferred
+
+
 def test_agent_degraded_drops_only_that_agent(cfg: Config) -> None:
     out, _ = simulate(cfg, ("agent-degraded:email-writer",))
     ratios = success_ratios(out)
