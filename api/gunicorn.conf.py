@@ -27,12 +27,10 @@ _access = os.environ.get("AICRM_API_ACCESS_LOG", "-")
 accesslog = None if _access == "off" else _access
 errorlog = "-"
 loglevel = "info"
-# JSON lines; %(U)s is the path without the query string, and no request header is logged,
-# so neither Authorization nor X-API-Key can reach the access log.
-access_log_format = (
-    '{"ts":"%(t)s","request_id":"%({x-request-id}o)s","remote":"%(h)s","method":"%(m)s",'
-    '"path":"%(U)s","status":%(s)s,"bytes":%(B)s,"duration_us":%(D)s}'
-)
+# JSON lines (ts, request_id, remote, method, path without the query string, status, bytes,
+# duration_us), written by api/gunicorn_logging.py: no request header is logged, so neither
+# Authorization nor X-API-Key can reach the access log.
+logger_class = "api.gunicorn_logging.JsonAccessLogger"
 
 
 def on_starting(server: object) -> None:

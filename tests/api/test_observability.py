@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 
+from api.gunicorn_logging import JsonAccessLogger
 from api.observability import JsonFormatter, RedactFilter, request_id_from
 from tests.api.conftest import API_KEY, OTHER_KEY, KnownPrometheus
 
@@ -69,3 +72,34 @@ def test_metrics_count_requests_by_route_template(client: Any) -> None:
             in text)
     assert 'endpoint="unmatched"' in text and "/no/such/route" not in text
     assert 'aicrm_api_request_duration_seconds_count{endpoint="/task-completion"} 2.0' in text
+
+
+def test_access_log_lines_are_json_without_headers(tmp_path: Path) -> None:
+    """gunicorn's access logger as configured in api/gunicorn.conf.py: one JSON object per
+    request, valid even for a path with quotes and backslashes, no request header in it."""
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("accesslog", str(tmp_path / "access.log"))
+    log = JsonAccessLogger(cfg)
+
+    class Resp:
+        status = "429 TOO MANY REQUESTS"
+        sent = 321
+        headers = [("Content-Type", "application/json"), ("X-Request-ID", "rid-1"),
+                   ("Retry-After", "7")]
+
+    class Req:
+        headers = [("AUTHORIZATION", f"Bearer {API_KEY}"), ("X-API-KEY", API_KEY)]
+
+    environ = {"REMOTE_ADDR": "192.0.2.9", "REQUEST_METHOD": "GET",
+               "PATH_INFO": '/task-completion/"x\\y', "QUERY_STRING": f"key={API_KEY}",
+               "HTTP_AUTHORIZATION": f"Bearer {API_KEY}", "HTTP_X_API_KEY": API_KEY}
+    log.access(Resp, Req, environ, timedelta(seconds=1, microseconds=2500))
+    text = (tmp_path / "access.log").read_text()
+    assert API_KEY not in text
+    (entry,) = [json.loads(line) for line in text.splitlines()]
+    assert entry == {"ts": entry["ts"], "request_id": "rid-1", "remote": "192.0.2.9",
+                     "method": "GET", "path": '/task-completion/"x\\y', "status": 429,
+                     "bytes": 321, "duration_us": 1_002_500}
+    assert entry["ts"].endswith("Z") and entry["ts"][10] == "T"
