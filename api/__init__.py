@@ -148,9 +148,12 @@ def create_app(
                 response.headers.setdefault(k, v)
         return response
 
-    CORS(app, origins=list(cfg.api.cors_origins), methods=["GET", "OPTIONS"],
-         allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600,
-         supports_credentials=False)
+    if cfg.api.cors_origins:
+        # Without an allow-list no response carries CORS headers, so the extension (a hook
+        # on every response) is not installed at all.
+        CORS(app, origins=list(cfg.api.cors_origins), methods=["GET", "OPTIONS"],
+             allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600,
+             supports_credentials=False)
 
     from . import agents, executive, export, health, tasks
 
