@@ -8,13 +8,14 @@ A Redis outage lets requests through rather than failing them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from limits import RateLimitItem, parse_many
@@ -121,11 +122,49 @@ class MemoryCounters:
 
 
 class RedisCounters:
-    """Windows in Redis, shared by every process: one EVALSHA per request."""
+    """Windows in Redis, shared by every process: one EVALSHA per request.
+
+    Each thread keeps its own connection, made with the client's settings (address, password,
+    database, TLS, timeouts), and talks to it directly: checking a connection out of redis-py's
+    pool and through its retry wrapper cost more CPU than the script call itself (about 110 us
+    against 45 us per request, in-process). A connection that fails after it has served before
+    is reconnected once (Redis restarted); a script Redis no longer holds is sent in full.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._script = client.register_script(_SCRIPT)
+        self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[redis.connection.AbstractConnection] = set()
+
+    def _connection(self) -> redis.connection.AbstractConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            pool = self.client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            self._local.conn = conn
+            self._local.used = False
+            with self._lock:
+                self._open.add(conn)
+        return conn
+
+    def _call(self, *args: Any) -> Any:
+        for attempt in (0, 1):
+            conn = self._connection()
+            reused = self._local.used
+            try:
+                conn.send_command(*args)
+                reply = conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                self._local.used = False
+                if reused and attempt == 0:
+                    continue
+                raise
+            self._local.used = True
+            return reply
+        raise AssertionError("unreachable")
 
     def hit(self, windows: Sequence[tuple[str, int, int]],
             prefetch: str | None) -> tuple[list[tuple[int, float]], bytes | None]:
@@ -133,13 +172,21 @@ class RedisCounters:
         if prefetch is not None:
             keys.append(prefetch)
         args = [len(windows), *(w[1] * 1000 for w in windows), *(w[2] for w in windows)]
-        reply = self._script(keys, args)
+        try:
+            reply = self._call("EVALSHA", self._sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            reply = self._call("EVAL", _SCRIPT, len(keys), *keys, *args)
         n = len(windows)
         out = [(int(reply[2 * i]), int(reply[2 * i + 1]) / 1000) for i in range(n)]
         body = reply[2 * n] if len(reply) > 2 * n else None
         return out, body if isinstance(body, bytes) else None
 
     def close(self) -> None:
+        with self._lock:
+            conns, self._open = self._open, set()
+        for conn in conns:
+            conn.disconnect()
+        self._local = threading.local()
         self.client.close()
 
 

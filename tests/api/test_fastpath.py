@@ -53,6 +53,39 @@ def test_redis_limit_and_cache_in_one_script(
     assert all(0 < counters.client.pttl(k) <= 3_600_000 for k in keys)
 
 
+def test_redis_counters_survive_script_flush_and_dropped_connections(
+    redis_server: servers.RedisServer,
+) -> None:
+    """The limiter keeps its own connection per thread: a script Redis forgot (SCRIPT FLUSH, a
+    restart) is sent in full, and a connection Redis dropped is replaced within the same call,
+    so neither loses a count nor lets a request through uncounted."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    counters = RedisCounters(client)
+    admin = redis.Redis.from_url(redis_server.url)
+    window = [("aicrm:test:fastpath:survive", 60, 100)]
+    try:
+        admin.delete(window[0][0])
+        assert counters.hit(window, None)[0][0][0] == 1
+        admin.script_flush()
+        assert counters.hit(window, None)[0][0][0] == 2
+        assert admin.script_exists(counters._sha) == [True]
+        admin.client_kill_filter(_type="normal", skipme=True)
+        assert counters.hit(window, None)[0][0][0] == 3
+        assert int(admin.get(window[0][0]) or 0) == 3
+        # Each thread has its own connection.
+        other: list[int] = []
+        t = threading.Thread(target=lambda: other.append(counters.hit(window, None)[0][0][0]))
+        t.start()
+        t.join(10)
+        assert other == [4] and len(counters._open) == 2
+    finally:
+        counters.close()
+        admin.close()
+    assert not counters._open
+
+
 def test_redis_outage_lets_requests_through(known_prometheus: KnownPrometheus,
                                             make_app: Callable[..., Flask]) -> None:
     down = f"redis://127.0.0.1:{servers.free_port()}/0"
