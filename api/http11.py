@@ -165,35 +165,32 @@ class Connection:
         del self._buf[:n]
         return body
 
+    def _line(self, deadline: float, what: str) -> bytes:
+        """The next CRLF-terminated line, consumed, without its CRLF."""
+        eol = self._buf.find(b"\r\n")
+        while eol < 0:
+            if len(self._buf) > MAX_HEAD_BYTES:
+                raise ProtocolError(f"{what} too long")
+            self._fill(deadline)
+            eol = self._buf.find(b"\r\n")
+        line = bytes(self._buf[:eol])
+        del self._buf[:eol + 2]
+        return line
+
     def _read_chunked(self, deadline: float) -> bytes:
         parts: list[bytes] = []
         size = 0
         while True:
-            eol = self._buf.find(b"\r\n")
-            while eol < 0:
-                if len(self._buf) > MAX_HEAD_BYTES:
-                    raise ProtocolError("chunk-size line too long")
-                self._fill(deadline)
-                eol = self._buf.find(b"\r\n")
-            text = self._buf[:eol].split(b";", 1)[0].strip()
+            text = self._line(deadline, "chunk-size line").split(b";", 1)[0].strip()
             try:
                 n = int(text, 16)
             except ValueError:
                 raise ProtocolError(f"bad chunk size {text[:20]!r}") from None
-            del self._buf[:eol + 2]
             if n == 0:
                 # Trailer fields, if any, end with an empty line.
-                while True:
-                    eol = self._buf.find(b"\r\n")
-                    while eol < 0:
-                        if len(self._buf) > MAX_HEAD_BYTES:
-                            raise ProtocolError("trailer too long")
-                        self._fill(deadline)
-                        eol = self._buf.find(b"\r\n")
-                    line = self._buf[:eol]
-                    del self._buf[:eol + 2]
-                    if not line:
-                        return b"".join(parts)
+                while self._line(deadline, "trailer field"):
+                    pass
+                return b"".join(parts)
             size += n
             if size > MAX_BODY_BYTES:
                 raise AnswerTooLarge(f"answer over {MAX_BODY_BYTES} bytes")
