@@ -61,8 +61,12 @@ class Connection:
         # moving the rest: a body of many small chunks is not copied once per chunk.
         self._buf = bytearray()
 
+    def __del__(self) -> None:
+        # Dropped with its thread's local storage (PrometheusClient): close, don't warn.
+        self.close()
+
     def close(self) -> None:
-        sock, self.sock = self.sock, None
+        sock, self.sock = getattr(self, "sock", None), None
         if sock is not None:
             sock.close()
 

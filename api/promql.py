@@ -12,6 +12,7 @@ import math
 import ssl
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, unquote, urlsplit
@@ -108,11 +109,13 @@ class PrometheusClient:
         self._head = "".join(f"{h}\r\n" for h in head)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[http11.Connection] = set()
+        # Weak: a connection lives as long as its thread's local storage, so a server that
+        # starts a thread per request does not pile up sockets; close() reaches the live ones.
+        self._open: weakref.WeakSet[http11.Connection] = weakref.WeakSet()
 
     def close(self) -> None:
         with self._lock:
-            conns, self._open = self._open, set()
+            conns, self._open = list(self._open), weakref.WeakSet()
         for conn in conns:
             conn.close()
 

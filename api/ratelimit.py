@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -136,7 +137,8 @@ class RedisCounters:
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[redis.connection.AbstractConnection] = set()
+        # Weak, as in PrometheusClient: a connection lives as long as its thread.
+        self._open: weakref.WeakSet[redis.connection.AbstractConnection] = weakref.WeakSet()
 
     def _connection(self) -> redis.connection.AbstractConnection:
         conn = getattr(self._local, "conn", None)
@@ -183,7 +185,7 @@ class RedisCounters:
 
     def close(self) -> None:
         with self._lock:
-            conns, self._open = self._open, set()
+            conns, self._open = list(self._open), weakref.WeakSet()
         for conn in conns:
             conn.disconnect()
         self._local = threading.local()

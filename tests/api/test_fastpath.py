@@ -161,3 +161,35 @@ def test_client_keeps_one_connection_per_thread(known_prometheus: KnownPrometheu
     finally:
         client.close()
     assert not client._open
+
+
+def test_connections_end_with_their_threads(known_prometheus: KnownPrometheus,
+                                            redis_server: servers.RedisServer) -> None:
+    """Under a server that starts a thread per request, the per-thread connections to
+    Prometheus and Redis go when their thread does, instead of piling up."""
+    import gc
+
+    import redis
+
+    client = PrometheusClient(known_prometheus.url, timeout=5)
+    counters = RedisCounters(redis.Redis.from_url(redis_server.url))
+    admin = redis.Redis.from_url(redis_server.url)
+    window = [("aicrm:test:fastpath:threads", 60, 1000)]
+    try:
+        baseline = len(admin.client_list())
+
+        def request() -> None:
+            assert client.query("vector(1)")[0].value == 1.0
+            counters.hit(window, None)
+
+        for _ in range(20):
+            t = threading.Thread(target=request)
+            t.start()
+            t.join(10)
+        gc.collect()
+        assert len(client._open) == 0 and len(counters._open) == 0
+        assert len(admin.client_list()) <= baseline
+    finally:
+        client.close()
+        counters.close()
+        admin.close()
