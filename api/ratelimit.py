@@ -122,6 +122,24 @@ class MemoryCounters:
             self._data.clear()
 
 
+class _ThreadConnection:
+    """A thread's Redis connection, disconnected as soon as the thread's storage goes: redis-py
+    connections sit in reference cycles, and left to the cycle collector their socket can be
+    finalized first (an unclosed-socket warning, the close left to chance)."""
+
+    __slots__ = ("conn", "used", "__weakref__")
+
+    def __init__(self, conn: redis.connection.AbstractConnection) -> None:
+        self.conn = conn
+        self.used = False
+
+    def __del__(self) -> None:
+        try:
+            self.conn.disconnect()
+        except Exception:  # noqa: BLE001 - nothing to report to at interpreter teardown
+            pass
+
+
 class RedisCounters:
     """Windows in Redis, shared by every process: one EVALSHA per request.
 
@@ -138,33 +156,32 @@ class RedisCounters:
         self._local = threading.local()
         self._lock = threading.Lock()
         # Weak, as in PrometheusClient: a connection lives as long as its thread.
-        self._open: weakref.WeakSet[redis.connection.AbstractConnection] = weakref.WeakSet()
+        self._open: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
 
-    def _connection(self) -> redis.connection.AbstractConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+    def _connection(self) -> _ThreadConnection:
+        held: _ThreadConnection | None = getattr(self._local, "held", None)
+        if held is None:
             pool = self.client.connection_pool
-            conn = pool.connection_class(**pool.connection_kwargs)
-            self._local.conn = conn
-            self._local.used = False
+            held = _ThreadConnection(pool.connection_class(**pool.connection_kwargs))
+            self._local.held = held
             with self._lock:
-                self._open.add(conn)
-        return conn
+                self._open.add(held)
+        return held
 
     def _call(self, *args: Any) -> Any:
         for attempt in (0, 1):
-            conn = self._connection()
-            reused = self._local.used
+            held = self._connection()
+            reused = held.used
             try:
-                conn.send_command(*args)
-                reply = conn.read_response()
+                held.conn.send_command(*args)
+                reply = held.conn.read_response()
             except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()
-                self._local.used = False
+                held.conn.disconnect()
+                held.used = False
                 if reused and attempt == 0:
                     continue
                 raise
-            self._local.used = True
+            held.used = True
             return reply
         raise AssertionError("unreachable")
 
@@ -186,8 +203,8 @@ class RedisCounters:
     def close(self) -> None:
         with self._lock:
             conns, self._open = list(self._open), weakref.WeakSet()
-        for conn in conns:
-            conn.disconnect()
+        for held in conns:
+            held.conn.disconnect()
         self._local = threading.local()
         self.client.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,6 +54,16 @@ def test_redis_limit_and_cache_in_one_script(
     assert all(0 < counters.client.pttl(k) <= 3_600_000 for k in keys)
 
 
+def _settles(check: Callable[[], bool], seconds: float = 2.0) -> bool:
+    """True once ``check()`` holds: a finished thread's storage is released just after join."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_redis_counters_survive_script_flush_and_dropped_connections(
     redis_server: servers.RedisServer,
 ) -> None:
@@ -74,12 +85,17 @@ def test_redis_counters_survive_script_flush_and_dropped_connections(
         admin.client_kill_filter(_type="normal", skipme=True)
         assert counters.hit(window, None)[0][0][0] == 3
         assert int(admin.get(window[0][0]) or 0) == 3
-        # Each thread has its own connection.
+        # Each thread has its own connection, gone when the thread is.
         other: list[int] = []
-        t = threading.Thread(target=lambda: other.append(counters.hit(window, None)[0][0][0]))
+
+        def in_thread() -> None:
+            other.append(counters.hit(window, None)[0][0][0])
+            other.append(len(counters._open))
+
+        t = threading.Thread(target=in_thread)
         t.start()
         t.join(10)
-        assert other == [4] and len(counters._open) == 2
+        assert other == [4, 2] and _settles(lambda: len(counters._open) == 1)
     finally:
         counters.close()
         admin.close()
@@ -154,10 +170,17 @@ def test_client_keeps_one_connection_per_thread(known_prometheus: KnownPrometheu
         for _ in range(5):
             assert client.query("vector(1)")[0].value == 1.0
         assert len(client._open) == 1
-        done = threading.Event()
-        threading.Thread(target=lambda: (client.query("vector(1)"), done.set())).start()
-        assert done.wait(10)
-        assert len(client._open) == 2
+        seen: list[int] = []
+
+        def in_thread() -> None:
+            client.query("vector(1)")
+            seen.append(len(client._open))
+
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join(10)
+        assert seen == [2]
+        assert _settles(lambda: len(client._open) == 1)  # the thread's connection ended with it
     finally:
         client.close()
     assert not client._open
