@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -63,6 +64,20 @@ def tree_cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def connections_per_process(port: int) -> list[int]:
+    """Established connections to ``port`` by owning process (``ss -tnp``), largest first: how
+    evenly the gunicorn workers share the load's connections."""
+    try:
+        out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    counts: dict[str, int] = {}
+    for pid in re.findall(r"pid=([0-9]+)", out):
+        counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
 
 
 PACE_LUA = """
@@ -210,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             # Warm-up: every worker imports, connects and answers once.
             wrk(cached_url + CACHED_PATH, args.cached_connections, 2)
             wrk(uncached_url + UNCACHED_PATH, args.uncached_connections, 2)
+            spread: list[int] = []
+            sampler = threading.Timer(min(2.0, args.duration / 2), lambda: spread.extend(
+                connections_per_process(int(cached_url.rsplit(":", 1)[1]))))
+            sampler.start()
             hit = wrk(cached_url + CACHED_PATH, args.cached_connections, args.duration,
                       cpu_of=cached.pid)
+            sampler.join()
             pace = tmp / "pace.lua"
             pace.write_text(PACE_LUA)
             paced = wrk(cached_url + CACHED_PATH, args.paced_connections, args.duration,
@@ -257,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| {hit['rps']:.0f} | {_ms(hit['mean'])} | {_ms(hit['p50'])} | {_ms(hit['p99'])} "
         f"| {hit['non2xx']:.0f} | {_ms(hit['cpu_per_request'])} | >= 1,000 req/s, p99 < 50 ms: "
         f"{'met' if hit['rps'] >= 1000 and hit['p99'] < 0.05 else 'NOT met'} |",
+        "",
+        "Connections per worker process during that run (`ss -tnp`): "
+        + ("/".join(str(n) for n in spread) if spread else "not sampled")
+        + ". gthread workers all poll the shared listening socket, so the split is rarely "
+        "even, and the worker holding most connections sets the pace (docs/benchmarks.md).",
         "",
         "The run above offers as many requests as the server answers (closed loop, so the p99 "
         "is the p99 of a saturated machine). Paced: "
