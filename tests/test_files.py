@@ -315,6 +315,37 @@ def test_restart_keeps_positions_of_files_not_seen_yet(
         h3.tailer.close()
 
 
+def test_positions_of_files_no_run_finds_are_forgotten_after_30_days(
+    logs: Path, tmp_path: Path, clock: Clock
+) -> None:
+    """A file renamed out of the glob while the exporter was stopped is never found again; its
+    saved position is kept across restarts, with the time it was first missed, for 30 days."""
+    h = Harness(str(logs / "*.jsonl"), clock)
+    append(logs / "app.jsonl", lines(2))
+    append(logs / "kept.jsonl", lines(1))
+    h.poll()
+    h.tailer.close()
+    (logs / "app.jsonl").rename(tmp_path / "app.jsonl.archived")
+    h2 = _restart(h, tmp_path / "state")
+    h2.poll()
+    assert sorted(p["path"].rsplit("/", 1)[1] for p in h2.tailer.positions()) == [
+        "app.jsonl", "kept.jsonl"]
+    clock.now += 29 * 86400
+    h3 = _restart(h2, tmp_path / "state")  # the first-missed time survives the restart
+    h3.poll()
+    assert len(h3.tailer.positions()) == 2
+    clock.now += 2 * 86400
+    h3.poll()
+    assert [p["path"].rsplit("/", 1)[1] for p in h3.tailer.positions()] == ["kept.jsonl"]
+    h4 = _restart(h3, tmp_path / "state")
+    try:
+        h4.poll()
+        assert [p["path"].rsplit("/", 1)[1] for p in h4.tailer.positions()] == ["kept.jsonl"]
+        assert h4.results() == 3  # nothing counted again
+    finally:
+        h4.tailer.close()
+
+
 def test_reused_inode_is_read_from_the_start(h: Harness, logs: Path, tmp_path: Path) -> None:
     log = logs / "app.jsonl"
     append(log, lines(3))

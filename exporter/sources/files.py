@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 FINGERPRINT_BYTES = 256
 READ_CHUNK = 1024 * 1024
 ROTATED_GRACE_SECONDS = 5.0
+FORGET_UNSEEN_SECONDS = 30 * 86400.0
+"""A saved read position whose file no run has found for this long is dropped from the state:
+a file renamed out of the glob while the exporter was stopped is never found again. Long, so
+a share that is away for days and comes back is still read from where it was left."""
 """How long a file that left the glob (renamed or deleted) is still watched for late writes."""
 
 
@@ -142,11 +146,25 @@ class FileTailer:
         """Read positions (call with the sink's lock held, beside the metric dump)."""
         live = [t.position() for t in self.files.values()]
         keys = {f"{p['dev']}:{p['ino']}" for p in live}
-        # Saved positions of files not seen yet this run stay until their file shows up.
-        return live + [p for k, p in self._saved.items() if k not in keys]
+        # Saved positions of files not seen yet this run stay until their file shows up, or
+        # until no run has seen it for FORGET_UNSEEN_SECONDS. A copy of the items: the poll
+        # thread takes entries out as it finds their files.
+        now = self.clock()
+        kept = []
+        for k, p in list(self._saved.items()):
+            if now - float(p["unseen_since"]) > FORGET_UNSEEN_SECONDS:
+                self._saved.pop(k, None)
+                log.info("forgetting the read position of %s: not seen for %.0f days",
+                         p.get("path"), FORGET_UNSEEN_SECONDS / 86400)
+            elif k not in keys:
+                kept.append(p)
+        return live + kept
 
     def restore(self, positions: Sequence[dict[str, Any]]) -> None:
-        self._saved = {f"{p['dev']}:{p['ino']}": dict(p) for p in positions}
+        """Positions from the state file; each remembers since when no run has seen its file."""
+        now = self.clock()
+        self._saved = {f"{p['dev']}:{p['ino']}": {**p, "unseen_since": p.get("unseen_since", now)}
+                       for p in positions}
 
     # --- polling -------------------------------------------------------------------------
 
