@@ -21,6 +21,7 @@ from exporter.config import Config, ConfigError, load_config, parse_config
 from . import errors, observability
 from .cache import RedisCache, ResponseCache, cache_key, make_cache
 from .common import CACHE_PREFETCH, SERVICES, Services, is_cached
+from .hits import ADMISSION, Admission, CachedHits, CachedRoute
 from .observability import RequestMetrics
 from .promql import PrometheusClient
 from .ratelimit import Counters, MemoryCounters, RateLimited, RateLimiter, RedisCounters
@@ -125,13 +126,18 @@ def create_app(
         endpoint = request.endpoint
         if request.method == "OPTIONS" or endpoint is None or endpoint in PUBLIC_ENDPOINTS:
             return
-        kid = g.get("key_id")
-        client = f"key:{kid}" if kid else f"addr:{request.remote_addr or 'unknown'}"
-        prefetch = None
-        if (prefetch_cache and cfg.api.cache_ttl_seconds > 0
-                and is_cached(app.view_functions.get(endpoint))):
-            prefetch = cache_key(request.path, request.args.items(multi=True))
-        state, body = limiter.hit(client, prefetch)
+        admitted = request.environ.pop(ADMISSION, None)
+        if isinstance(admitted, Admission):
+            # CachedHits has counted this request already (and looked in the cache).
+            state, prefetch, body = admitted.state, admitted.cache_key, admitted.body
+        else:
+            kid = g.get("key_id")
+            client = f"key:{kid}" if kid else f"addr:{request.remote_addr or 'unknown'}"
+            prefetch = None
+            if (prefetch_cache and cfg.api.cache_ttl_seconds > 0
+                    and is_cached(app.view_functions.get(endpoint))):
+                prefetch = cache_key(request.path, request.args.items(multi=True))
+            state, body = limiter.hit(client, prefetch)
         if state is None:
             return
         g.rate_limit = state
@@ -159,6 +165,18 @@ def create_app(
 
     for bp in (health.bp, tasks.bp, agents.bp, executive.bp, export.bp):
         app.register_blueprint(bp)
+    if cfg.api.cache_ttl_seconds > 0:
+        routes = {
+            rule.rule: CachedRoute(rule.rule, cfg.api.require_key_for_all
+                                   or rule.endpoint in svc.protected)
+            for rule in app.url_map.iter_rules()
+            if not rule.arguments and "GET" in (rule.methods or ())
+            and is_cached(app.view_functions.get(rule.endpoint))
+        }
+        app.wsgi_app = CachedHits(  # type: ignore[method-assign]
+            app.wsgi_app, routes, keys=keys, limiter=limiter, cache=cache,
+            prefetch=prefetch_cache, metrics=svc.metrics, cors=bool(cfg.api.cors_origins),
+            logger=logger)
     return app
 
 

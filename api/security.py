@@ -10,8 +10,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable, Mapping
-
-from werkzeug.datastructures import Headers
+from typing import Protocol
 
 from .errors import ApiError
 
@@ -29,7 +28,13 @@ def keys_from_env(env_var: str, environ: Mapping[str, str] | None = None) -> tup
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
-def presented_key(headers: Mapping[str, str] | Headers) -> str | None:
+class HeaderLookup(Protocol):
+    """What reading a key needs of the request headers (werkzeug's, a mapping, a WSGI view)."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
+def presented_key(headers: HeaderLookup) -> str | None:
     """The key a request carries, from either header."""
     auth = headers.get("Authorization")
     if auth:
@@ -63,7 +68,7 @@ class KeyChecker:
             ok |= hmac.compare_digest(given, k)
         return ok
 
-    def check(self, headers: Mapping[str, str] | Headers) -> str:
+    def check(self, headers: HeaderLookup) -> str:
         """The request's key, or Unauthorized."""
         key = presented_key(headers)
         if key is None:
