@@ -13,6 +13,7 @@ api/gunicorn.conf.py sets ``logger_class`` to ``api.gunicorn_logging.JsonAccessL
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from datetime import timedelta
@@ -54,6 +55,42 @@ def access_record(status: Any, sent: int | None, headers: Any, environ: dict[str
     }
 
 
+_PLAIN_HANDLERS = (logging.StreamHandler, logging.FileHandler)
+
+
+def plain_handlers(log: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
+    """The logger's handlers when writing the message to each one's stream is all that
+    ``log.info(message)`` would do; None otherwise."""
+    if log.filters or log.propagate or not log.isEnabledFor(logging.INFO) or not log.handlers:
+        return None
+    out = []
+    for h in log.handlers:
+        fmt = h.formatter
+        if (type(h) not in _PLAIN_HANDLERS or h.filters or h.level > logging.INFO
+                or type(fmt) is not logging.Formatter or fmt._fmt != "%(message)s"):
+            return None
+        out.append(h)
+    return out  # type: ignore[return-value]
+
+
+def write_line(log: logging.Logger, line: str) -> None:
+    handlers = plain_handlers(log)
+    if handlers is None:
+        log.info(line)
+        return
+    for h in handlers:
+        h.acquire()
+        try:
+            stream = h.stream
+            if stream is None and isinstance(h, logging.FileHandler):
+                # Closed and not yet reopened (FileHandler.emit does the same).
+                h.stream = stream = h._open()
+            stream.write(line + h.terminator)
+            stream.flush()
+        finally:
+            h.release()
+
+
 class JsonAccessLogger(Logger):
     def access(self, resp: Any, req: Any, environ: dict[str, Any],
                request_time: timedelta) -> None:
@@ -62,6 +99,6 @@ class JsonAccessLogger(Logger):
         try:
             record = access_record(resp.status, getattr(resp, "sent", None), resp.headers,
                                    environ, request_time, time.time())
-            self.access_log.info(_encode(record).decode())
+            write_line(self.access_log, _encode(record).decode())
         except Exception:
             self.error(traceback.format_exc())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -74,14 +74,28 @@ def test_metrics_count_requests_by_route_template(client: Any) -> None:
     assert 'aicrm_api_request_duration_seconds_count{endpoint="/task-completion"} 2.0' in text
 
 
-def test_access_log_lines_are_json_without_headers(tmp_path: Path) -> None:
-    """gunicorn's access logger as configured in api/gunicorn.conf.py: one JSON object per
-    request, valid even for a path with quotes and backslashes, no request header in it."""
+@pytest.fixture
+def access_logger(tmp_path: Path) -> Iterator[JsonAccessLogger]:
+    """The access logger of api/gunicorn.conf.py writing to tmp_path/access.log; its file is
+    closed after the test."""
     from gunicorn.config import Config
 
     cfg = Config()
     cfg.set("accesslog", str(tmp_path / "access.log"))
     log = JsonAccessLogger(cfg)
+    yield log
+    for h in list(log.access_log.handlers):
+        if getattr(h, "_gunicorn", False):
+            log.access_log.removeHandler(h)
+            h.close()
+
+
+def test_access_log_lines_are_json_without_headers(
+    tmp_path: Path, access_logger: JsonAccessLogger,
+) -> None:
+    """gunicorn's access logger as configured in api/gunicorn.conf.py: one JSON object per
+    request, valid even for a path with quotes and backslashes, no request header in it."""
+    log = access_logger
 
     class Resp:
         status = "429 TOO MANY REQUESTS"
@@ -103,3 +117,61 @@ def test_access_log_lines_are_json_without_headers(tmp_path: Path) -> None:
                      "method": "GET", "path": '/task-completion/"x\\y', "status": 429,
                      "bytes": 321, "duration_us": 1_002_500}
     assert entry["ts"].endswith("Z") and entry["ts"][10] == "T"
+
+
+def test_access_lines_bypass_logging_only_for_plain_handlers(
+    tmp_path: Path, access_logger: JsonAccessLogger, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gunicorn's own file handler gets the line straight to its stream, also after USR1's
+    reopen; a handler or filter added by other logging set-up sees every line."""
+    from api.gunicorn_logging import plain_handlers
+
+    log = access_logger
+    # pytest attaches its capture handlers to every non-propagating logger during a test;
+    # gunicorn's access log has only its own handler in a server.
+    for h in [h for h in log.access_log.handlers if not getattr(h, "_gunicorn", False)]:
+        log.access_log.removeHandler(h)
+    records: list[logging.LogRecord] = []
+    handle = log.access_log.handle
+    monkeypatch.setattr(log.access_log, "handle",
+                        lambda r: (records.append(r), handle(r))[1])
+
+    class Resp:
+        status = "200 OK"
+        sent = 2
+        headers = [("X-Request-ID", "rid-2")]
+
+    environ = {"REMOTE_ADDR": "192.0.2.9", "REQUEST_METHOD": "GET", "PATH_INFO": "/healthz"}
+    assert plain_handlers(log.access_log) is not None
+    log.access(Resp, None, environ, timedelta(microseconds=5))
+    (tmp_path / "access.log").rename(tmp_path / "access.log.1")
+    log.reopen_files()
+    log.access(Resp, None, environ, timedelta(microseconds=6))
+    old = [json.loads(x) for x in (tmp_path / "access.log.1").read_text().splitlines()]
+    new = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    assert [e["duration_us"] for e in old] == [5] and [e["duration_us"] for e in new] == [6]
+    assert records == []  # no LogRecord was made for them
+
+    seen: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    extra = Capture()
+    log.access_log.addHandler(extra)
+    try:
+        assert plain_handlers(log.access_log) is None
+        log.access(Resp, None, environ, timedelta(microseconds=7))
+    finally:
+        log.access_log.removeHandler(extra)
+    assert [json.loads(m)["duration_us"] for m in seen] == [7] and len(records) == 1
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert [json.loads(x)["duration_us"] for x in lines] == [6, 7]
+    dropped = logging.Filter("not-this-logger")
+    log.access_log.addFilter(dropped)
+    try:
+        log.access(Resp, None, environ, timedelta(microseconds=8))
+    finally:
+        log.access_log.removeFilter(dropped)
+    assert len((tmp_path / "access.log").read_text().splitlines()) == 2
