@@ -2,12 +2,15 @@
 
 Environment: AICRM_API_BIND (default 0.0.0.0:5000, the container's address), AICRM_API_WORKERS
 (4), AICRM_API_THREADS (2), AICRM_API_TIMEOUT (30 s), AICRM_API_ACCESS_LOG ("-" for stdout,
-a path, or "off"), PROMETHEUS_MULTIPROC_DIR (the request metrics' shared directory).
+a path, or "off"), AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
+0: one socket shared by all workers), PROMETHEUS_MULTIPROC_DIR (the request metrics' shared
+directory).
 """
 
 import os
 import shutil
 import tempfile
+from typing import Any
 
 # Multiprocess metrics must be on before prometheus_client is first imported.
 os.environ.setdefault(
@@ -17,7 +20,13 @@ os.environ.setdefault(
 
 bind = os.environ.get("AICRM_API_BIND", "0.0.0.0:5000")
 workers = int(os.environ.get("AICRM_API_WORKERS", "4"))
-worker_class = "gthread"
+# gthread, closing a stopping worker's own listening socket at once (api/gunicorn_worker.py).
+worker_class = "api.gunicorn_worker.Worker"
+# A listening socket per worker (SO_REUSEPORT): the kernel spreads connections over the
+# workers instead of the first to wake taking a whole burst. Not for a unix socket, which
+# every worker would unlink and bind again.
+reuse_port = (os.environ.get("AICRM_API_REUSE_PORT", "1") != "0"
+              and not bind.startswith(("unix:", "fd://")))
 threads = int(os.environ.get("AICRM_API_THREADS", "2"))
 timeout = int(os.environ.get("AICRM_API_TIMEOUT", "30"))
 graceful_timeout = 20
@@ -38,6 +47,20 @@ def on_starting(server: object) -> None:
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
+
+
+def when_ready(server: Any) -> None:
+    """With a socket per worker the arbiter binds none itself: check the address can be bound
+    now (gunicorn's own bind, with its retries), so a port held by another program stops
+    start-up with gunicorn's "Connection in use" instead of workers failing to boot forever."""
+    if not server.cfg.reuse_port:
+        return
+    from gunicorn import sock
+
+    probes = sock.create_sockets(server.cfg, server.log)
+    names = ", ".join(str(p) for p in probes)
+    sock.close_sockets(probes, unlink=False)
+    server.log.info("Listening at: %s (a socket per worker, SO_REUSEPORT)", names)
 
 
 def child_exit(server: object, worker: object) -> None:

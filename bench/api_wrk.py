@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Connections per worker process during that run (`ss -tnp`): "
         + ("/".join(str(n) for n in spread) if spread else "not sampled")
-        + ". gthread workers all poll the shared listening socket, so the split is rarely "
-        "even, and the worker holding most connections sets the pace (docs/benchmarks.md).",
+        + ". Each worker has its own listening socket (SO_REUSEPORT) and the kernel spreads "
+        "new connections over them by a hash of their addresses, so the split is near even, "
+        "not exact; the worker holding most connections sets the pace (docs/benchmarks.md).",
         "",
         "The run above offers as many requests as the server answers (closed loop, so the p99 "
         "is the p99 of a saturated machine). Paced: "

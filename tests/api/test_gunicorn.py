@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -109,3 +113,99 @@ def test_four_workers_share_limits_cache_and_metrics(
     assert all(e["request_id"] for e in entries if e["path"] != "/healthz")
     assert API_KEY not in (tmp_path / "access.log").read_text()
     assert API_KEY not in gunicorn.log_path.read_text()
+
+
+def _ss(port: int, *state: str) -> list[int]:
+    """PIDs owning TCP sockets on local ``port`` (``ss``), e.g. ("listening",)."""
+    out = subprocess.run(["ss", "-tnpH", "state", *state, f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(p) for p in re.findall(r"pid=([0-9]+)", out)]
+
+
+@pytest.mark.integration
+def test_each_worker_listens_and_a_stopping_worker_drops_no_connection(tmp_path: Path) -> None:
+    """reuse_port: every worker owns a listening socket and the arbiter none; a worker told to
+    stop while a request is in flight closes its socket at once, so connections made during its
+    drain all reach the other worker (with gthread's late close, those the kernel still sent to
+    the stopping worker hung, then were reset)."""
+    from tests.api.test_promql import SlowBackend
+
+    backend = SlowBackend(4)
+    cfg = config_dict(api={"prometheus_url": backend.url, "redis_url": None,
+                           "cache_ttl_seconds": 0, "query_timeout_seconds": 10,
+                           "rate_limit": "100000/minute", "api_keys_env": "TEST_API_KEYS"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    port = servers.free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AICRM_CONFIG": str(tmp_path / "config.json"),
+        "TEST_API_KEYS": API_KEY,
+        "AICRM_API_BIND": f"127.0.0.1:{port}",
+        "AICRM_API_WORKERS": "2",
+        "AICRM_API_ACCESS_LOG": "off",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+    }
+    url = f"http://127.0.0.1:{port}"
+    gunicorn = servers.ProcessHandle("gunicorn", tmp_path)
+    gunicorn.start(
+        [sys.executable, "-m", "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
+         "api:create_app()"],
+        cwd=ROOT, env=env, ready_check=servers.http_ok(url + "/healthz"), timeout=60,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(_ss(port, "listening")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        listeners = _ss(port, "listening")
+        assert len(listeners) == 2 and gunicorn.pid not in listeners, listeners
+
+        slow: dict[str, int] = {}
+        t = threading.Thread(target=lambda: slow.update(status=requests.get(
+            url + "/agent-performance", timeout=15).status_code))
+        t.start()
+        busy: list[int] = []
+        while not busy and time.monotonic() < deadline:
+            busy = [p for p in _ss(port, "established") if p != os.getpid()]
+            time.sleep(0.05)
+        assert len(busy) == 1, busy
+        os.kill(busy[0], signal.SIGTERM)
+        time.sleep(0.5)  # the worker is draining its slow request now
+        assert t.is_alive()
+        codes = []
+        for _ in range(40):
+            try:
+                codes.append(requests.get(url + "/healthz", timeout=1.5).status_code)
+            except requests.RequestException as exc:
+                codes.append(type(exc).__name__)  # type: ignore[arg-type]
+        assert codes == [200] * 40, Counter(codes)
+        assert t.is_alive(), "the drain ended before the connections were made"
+        t.join(15)
+        assert slow == {"status": 200}  # the in-flight request was finished, not cut off
+    finally:
+        gunicorn.stop()
+        backend.close()
+
+
+@pytest.mark.integration
+def test_a_port_taken_by_another_program_stops_start_up(tmp_path: Path) -> None:
+    """No worker binds in the arbiter's place: the arbiter checks the address itself, so a port
+    held without SO_REUSEPORT ends start-up with gunicorn's error instead of a boot loop."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    (tmp_path / "config.json").write_text(json.dumps(config_dict()))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "AICRM_CONFIG": str(tmp_path / "config.json"), "AICRM_API_BIND": f"127.0.0.1:{port}",
+           "AICRM_API_ACCESS_LOG": "off", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "m")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn.conf.py"),
+             "api:create_app()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode != 0
+    assert f"Connection in use: ('127.0.0.1', {port})" in done.stderr
+    assert "Booting worker" not in done.stderr
