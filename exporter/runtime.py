@@ -19,7 +19,7 @@ from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
 from .server import Handlers, Server
 from .sources.files import FileTailer, Watch
-from .sources.push import Journal, ingest_batch
+from .sources.push import IdempotencyIndex, Journal, ingest_batch
 from .state import StateFile
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Exporter:
         push = cfg.sources.push
         self.push_token: str | None = None
         self.journal: Journal | None = None
+        self.idempotency: IdempotencyIndex | None = None
         if push.enabled:
             token = os.environ.get(push.token_env)
             if not token:
@@ -71,6 +72,7 @@ class Exporter:
                 )])
             self.push_token = token
             self.journal = Journal(cfg.exporter.state_dir, cfg.exporter.journal_segment_bytes)
+            self.idempotency = IdempotencyIndex(self.journal.dir)
 
         watches = [Watch(s.name, s.path) for s in cfg.sources.event_logs]
         if self.journal is not None:
@@ -112,7 +114,14 @@ class Exporter:
                 log.exception("cannot write state; serving anyway")
             return self.store.render_text()
 
-    def _push(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def _push(self, body: bytes, key: str | None = None) -> tuple[int, dict[str, Any], bool]:
+        """(status, answer, replayed): with an Idempotency-Key, a batch already answered gets
+        its first answer again and is not journaled twice."""
+        if key is None or self.idempotency is None:
+            return (*self._apply_batch(body), False)
+        return self.idempotency.run(key, body, lambda: self._apply_batch(body))
+
+    def _apply_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
         assert self.journal is not None
         try:
             result = ingest_batch(body, self.journal, self.store,
@@ -168,4 +177,6 @@ class Exporter:
         self.tailer.close()
         if self.journal is not None:
             self.journal.close()
+        if self.idempotency is not None:
+            self.idempotency.close()
 

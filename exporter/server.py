@@ -25,7 +25,7 @@ class Handlers:
     def __init__(
         self,
         metrics: Callable[[], bytes],
-        push: Callable[[bytes], tuple[int, dict[str, Any]]] | None,
+        push: Callable[[bytes, str | None], tuple[int, dict[str, Any], bool]] | None,
         push_token: str | None,
         max_body_bytes: int,
         health: Callable[[], tuple[bool, dict[str, Any]]],
@@ -40,7 +40,7 @@ class Handlers:
 
 
 def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
-    from .sources.push import check_token
+    from .sources.push import IDEMPOTENCY_HEADER, check_token, valid_idempotency_key
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "aicrm-exporter"
@@ -93,54 +93,62 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
             if path != "/v1/events":
                 self._drain_and(404, {"error": f"no such endpoint: {path}"})
                 return
-            code, body = self._push()
+            code, body, replayed = self._push()
             h.count_push(code)
-            self._json(code, body, {"WWW-Authenticate": "Bearer"} if code == 401 else None)
+            extra = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
+            if replayed:
+                extra["Idempotent-Replayed"] = "true"
+            self._json(code, body, extra or None)
 
         def _drain_and(self, code: int, obj: dict[str, Any]) -> None:
             self.close_connection = True
             self._json(code, obj)
 
-        def _push(self) -> tuple[int, dict[str, Any]]:
+        def _push(self) -> tuple[int, dict[str, Any], bool]:
             if h.push is None:
                 self.close_connection = True
-                return 404, {"error": "push is disabled (sources.push.enabled)"}
+                return 404, {"error": "push is disabled (sources.push.enabled)"}, False
             if h.push_token is None or not check_token(self.headers.get("Authorization"),
                                                        h.push_token):
                 self.close_connection = True
-                return 401, {"error": "missing or wrong bearer token"}
+                return 401, {"error": "missing or wrong bearer token"}, False
+            key = self.headers.get(IDEMPOTENCY_HEADER)
+            if key is not None and not valid_idempotency_key(key):
+                self.close_connection = True
+                return 400, {"error": f"{IDEMPOTENCY_HEADER} must be 1-128 characters of "
+                                      "A-Z a-z 0-9 . _ : -"}, False
             length_header = self.headers.get("Content-Length")
             if length_header is None:
                 self.close_connection = True
-                return 411, {"error": "Content-Length is required"}
+                return 411, {"error": "Content-Length is required"}, False
             try:
                 length = int(length_header)
                 if length < 0:
                     raise ValueError
             except ValueError:
                 self.close_connection = True
-                return 400, {"error": "Content-Length is not a valid length"}
+                return 400, {"error": "Content-Length is not a valid length"}, False
             if length > h.max_body_bytes:
                 self.close_connection = True
                 return 413, {"error": f"body larger than {h.max_body_bytes} bytes "
-                                      "(sources.push.max_body_bytes)"}
+                                      "(sources.push.max_body_bytes)"}, False
             encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
             if encoding not in ("identity", "gzip", "x-gzip"):
                 self.close_connection = True
                 return 415, {"error": f"unsupported Content-Encoding {encoding!r} "
-                                      "(use gzip or none)"}
+                                      "(use gzip or none)"}, False
             body = self.rfile.read(length)
             if len(body) != length:
                 # The client went away mid-body: its last line may be cut anywhere.
                 self.close_connection = True
                 return 400, {"error": f"body shorter than Content-Length ({len(body)} of "
-                                      f"{length} bytes)"}
+                                      f"{length} bytes)"}, False
             if encoding != "identity":
                 try:
                     body = _gunzip(body, h.max_body_bytes)
                 except ValueError as exc:
-                    return 413 if "larger" in str(exc) else 400, {"error": str(exc)}
-            return h.push(body)
+                    return 413 if "larger" in str(exc) else 400, {"error": str(exc)}, False
+            return h.push(body, key)
 
     return Handler
 

@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -789,7 +790,11 @@ def push_url(url: str) -> str:
 
 
 class PushWriter:
-    """POSTs NDJSON batches to the exporter; keeps lines to retry while it is unreachable."""
+    """POSTs NDJSON batches to the exporter; keeps lines to retry while it is unreachable.
+
+    Each batch carries an ``Idempotency-Key``; a batch that got no answer (or a 5xx/429) is
+    sent again with the same lines and key, so one the exporter had journaled before the
+    answer was lost is not counted twice."""
 
     def __init__(self, url: str, token: str | None, max_body_bytes: int = 1 << 20,
                  max_pending: int = 200_000, timeout: float = 10.0) -> None:
@@ -807,6 +812,8 @@ class PushWriter:
         self.dropped = 0
         self.last_error: str | None = None
         self._pending: list[bytes] = []
+        self._unanswered: tuple[str, int] | None = None
+        """(key, number of lines) of the first pending batch, sent without a final answer."""
 
     def add(self, item: Event | RawLine) -> None:
         self._pending.append(_line(item))
@@ -815,21 +822,28 @@ class PushWriter:
         import requests
 
         while self._pending:
-            size, n = 0, 0
-            for line in self._pending:
-                if n and size + len(line) > self.max_body:
-                    break
-                size += len(line)
-                n += 1
+            if self._unanswered is not None:
+                key, n = self._unanswered
+            else:
+                size, n = 0, 0
+                for line in self._pending:
+                    if n and size + len(line) > self.max_body:
+                        break
+                    size += len(line)
+                    n += 1
+                key = uuid.uuid4().hex
             batch = self._pending[:n]
+            self._unanswered = (key, n)
             try:
-                r = self.session.post(self.url, data=b"".join(batch), timeout=self.timeout)
+                r = self.session.post(self.url, data=b"".join(batch), timeout=self.timeout,
+                                      headers={"Idempotency-Key": key})
             except requests.RequestException as exc:
                 self.last_error = f"push: {type(exc).__name__}"
                 break
             if r.status_code >= 500 or r.status_code == 429:
                 self.last_error = f"push: HTTP {r.status_code}"
                 break
+            self._unanswered = None
             del self._pending[:n]
             if r.ok:
                 self.written += n
@@ -840,6 +854,11 @@ class PushWriter:
                 self.last_error = f"push: HTTP {r.status_code} {r.text[:120].strip()}"
         if len(self._pending) > self.max_pending:
             extra = len(self._pending) - self.max_pending
+            if self._unanswered is not None:
+                # The oldest lines go, and with them the whole unanswered batch, never a part
+                # of it: its other lines may have been journaled already.
+                extra = max(extra, self._unanswered[1])
+                self._unanswered = None
             del self._pending[:extra]
             self.dropped += extra
 

@@ -415,3 +415,123 @@ def test_push_requests_are_counted_by_code(exp: Running) -> None:
     assert exp.push(b"x" * (MAX_BODY + 1)).status_code == 413
     got = {code: exp.requests_by_code(code) for code in (200, 400, 401, 413, 404)}
     assert got == {200: 2, 400: 1, 401: 1, 413: 1, 404: 0}
+
+
+# --- Idempotency-Key -----------------------------------------------------------------------
+
+
+def keyed(exp: Running, body: bytes, key: str) -> requests.Response:
+    return exp.push(body, headers={"Idempotency-Key": key})
+
+
+def test_a_retried_batch_is_answered_again_and_counted_once(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    exp = start(state_dir)
+    body = batch(7) + b"not json\n"
+    first = keyed(exp, body, "batch-0001")
+    assert first.status_code == 200 and "Idempotent-Replayed" not in first.headers
+    again = keyed(exp, body, "batch-0001")
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json() and first.json()["accepted"] == 7
+    exp.wait_for(lambda: exp.results() == 7)
+    exp.stop()
+    # After a restart the key is still known: the retry of a lost answer counts nothing.
+    exp2 = start(state_dir)
+    replay = keyed(exp2, body, "batch-0001")
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.json() == first.json()
+    assert keyed(exp2, batch(2), "batch-0002").status_code == 200
+    exp2.wait_for(lambda: exp2.results() == 9)
+    time.sleep(0.2)
+    assert exp2.results() == 9
+    assert len(journal_lines(state_dir)) <= 9  # the replays wrote nothing
+    # Without a key nothing is deduplicated (the contract's default is unchanged).
+    plain = batch(1)
+    assert exp2.push(plain).status_code == 200 and exp2.push(plain).status_code == 200
+
+
+def test_a_key_reused_for_another_batch_is_422(exp: Running) -> None:
+    assert keyed(exp, batch(3), "k-1").status_code == 200
+    r = keyed(exp, batch(4), "k-1")
+    assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]
+    exp.wait_for(lambda: exp.results() == 3)
+    time.sleep(0.2)
+    assert exp.results() == 3
+
+
+def test_an_all_bad_batch_is_refused_once(exp: Running) -> None:
+    body = b"[1]\n" + b'{"event": "handoff", "from_agent": "qualifier"}\n'
+    first = keyed(exp, body, "bad-1")
+    again = keyed(exp, body, "bad-1")
+    assert first.status_code == again.status_code == 400
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert exp.rejected("not_object") == 1 and exp.rejected("missing_field") == 1
+    assert exp.requests_by_code(400) == 2  # both answers are counted as requests
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 129, "quote\"d"])
+def test_a_malformed_key_is_400_naming_the_header(exp: Running, key: str) -> None:
+    r = keyed(exp, batch(1), key)
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]
+    time.sleep(0.1)
+    assert exp.pushed() == 0
+
+
+def test_concurrent_retries_apply_the_batch_once(exp: Running) -> None:
+    import threading
+
+    body = batch(5)
+    answers: list[requests.Response] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        r = keyed(exp, body, "same-key")
+        with lock:
+            answers.append(r)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert [r.status_code for r in answers] == [200] * 8
+    assert sum("Idempotent-Replayed" not in r.headers for r in answers) == 1
+    exp.wait_for(lambda: exp.results() == 5)
+    time.sleep(0.2)
+    assert exp.results() == 5
+
+
+def test_idempotency_index_expiry_damage_and_bounds(tmp_path: Path) -> None:
+    from exporter.sources.push import IdempotencyIndex
+
+    now = [1_000_000.0]
+    index = IdempotencyIndex(tmp_path, retention_seconds=100, max_entries=3,
+                             clock=lambda: now[0])
+    applied: list[str] = []
+
+    def apply(name: str, status: int = 200) -> Callable[[], tuple[int, dict[str, Any]]]:
+        return lambda: (applied.append(name), (status, {"name": name}))[1]
+
+    assert index.run("a", b"A", apply("a")) == (200, {"name": "a"}, False)
+    assert index.run("a", b"A", apply("a2")) == (200, {"name": "a"}, True)
+    # A failed write (503) is not recorded: the retry is applied for real.
+    assert index.run("b", b"B", apply("b", 503))[0] == 503
+    assert index.run("b", b"B", apply("b2"))[2] is False
+    now[0] += 101  # "a" expires
+    assert index.run("a", b"A", apply("a3"))[2] is False
+    assert applied == ["a", "b", "b2", "a3"]
+    for k in ("c", "d", "e"):
+        index.run(k, k.encode(), apply(k))
+    assert len(index) == 3  # the oldest entries gave way
+    index.close()
+    # A line cut by a crash is skipped; the rest survive a restart.
+    with (tmp_path / IdempotencyIndex.FILE).open("ab") as f:
+        f.write(b'{"key": "cut", "at": ')
+    reopened = IdempotencyIndex(tmp_path, retention_seconds=100, max_entries=3,
+                                clock=lambda: now[0])
+    assert reopened.run("e", b"e", apply("e2"))[2] is True
+    assert reopened.run("c", b"c", apply("c2"))[2] is True
+    lines = (tmp_path / IdempotencyIndex.FILE).read_bytes().splitlines()
+    assert len(lines) == 3 and all(json.loads(x)["key"] in "cde" for x in lines)
+    reopened.close()

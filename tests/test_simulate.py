@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -599,3 +600,49 @@ def test_sigterm_exits_cleanly(tmp_path: Path, config_file: Path) -> None:
     rows = _task_rows(f"sqlite:///{db}")
     assert rows and not {r["status"] for r in rows} & {"queued", "running"}
     assert all(line.endswith(b"}") for line in _lines(tmp_path))
+
+
+def test_push_writer_resends_an_unanswered_batch_with_its_key() -> None:
+    """The first POST is read and then cut without an answer (as when the exporter crashed
+    after journaling it): the retry carries the same lines and Idempotency-Key, the next batch
+    a new key."""
+    seen: list[tuple[str | None, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.headers.get("Idempotency-Key"), body))
+            if len(seen) == 1:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            out = json.dumps({"accepted": body.count(b"\n"), "rejected": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    writer = PushWriter(f"http://127.0.0.1:{server.server_address[1]}", "t", max_body_bytes=64)
+    try:
+        lines = [json.dumps({"event": "x", "n": i}).encode() for i in range(4)]
+        for line in lines[:2]:
+            writer._pending.append(line + b"\n")
+        writer.flush()
+        assert writer.last_error is not None and writer.written == 0
+        for line in lines[2:]:
+            writer._pending.append(line + b"\n")
+        writer.flush()
+    finally:
+        writer.close()
+        server.shutdown()
+        server.server_close()
+    assert seen[0] == seen[1] and seen[0][0]
+    assert all(key not in (None, seen[0][0]) for key, _ in seen[2:]) and len(seen) >= 3
+    assert b"".join(body for _, body in seen[1:]) == b"".join(x + b"\n" for x in lines)
+    assert writer.written == 4 and writer.last_error is None

@@ -5,18 +5,28 @@ A batch is answered 2xx only after its accepted lines are fsync'ed into the jour
 that the file source follows like any other JSONL log (as source ``push``), which gives pushed
 events the same exactly-once path as files. Segments are deleted once fully read and that
 position is saved in a state snapshot.
+
+A batch sent with an ``Idempotency-Key`` header is applied once: its answer is kept (with a
+digest of the body) for a day in ``<state_dir>/push/idempotency.jsonl``, and a retry with the
+same key gets the same answer again without its lines being journaled a second time, also
+after a restart. A client whose answer was lost can therefore retry without counting twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import logging
 import os
 import re
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..events import Rejected, decode_line
 from .files import Watch
@@ -149,3 +159,174 @@ def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,
     journal.append(good)
     result.accepted = len(good)
     return result
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RECORDED_STATUSES = frozenset({200, 400})
+"""Answers that a retry must get again; a 503 (the journal write failed) is retried for real."""
+
+
+def valid_idempotency_key(key: str) -> bool:
+    return bool(_KEY_RE.match(key))
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    at: float
+    """Wall-clock time of the first answer."""
+    digest: str
+    """SHA-256 of the body, to refuse a key reused for another batch."""
+    status: int
+    body: dict[str, Any]
+
+
+class IdempotencyIndex:
+    """The answers of keyed batches, for ``retention_seconds``, kept in memory and appended to
+    ``<dir>/idempotency.jsonl`` (fsync'ed) before the answer goes out; rewritten without the
+    expired entries at start and whenever it holds twice as many lines as live entries.
+
+    The journal is written first and the key after it: a crash between the two fsyncs (no
+    answer was sent) leaves a batch that a retry with the same key applies again.
+    """
+
+    FILE = "idempotency.jsonl"
+
+    def __init__(self, directory: str | os.PathLike[str], retention_seconds: float = 86_400,
+                 max_entries: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(directory) / self.FILE
+        self.retention = retention_seconds
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, Recorded] = OrderedDict()
+        self._inflight: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._lines = 0
+        self._load()
+        self._rewrite()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        horizon = self.clock() - self.retention
+        with self.path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    d = json.loads(raw)
+                    rec = Recorded(float(d["at"]), str(d["digest"]), int(d["status"]),
+                                   dict(d["body"]))
+                    key = str(d["key"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    # A line cut by a crash mid-write, or damage: that key is forgotten.
+                    log.warning("%s line %d skipped: %s", self.path, lineno, exc)
+                    continue
+                if rec.at >= horizon:
+                    self._entries[key] = rec
+                    self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    @staticmethod
+    def _line(key: str, rec: Recorded) -> bytes:
+        return json.dumps({"key": key, "at": rec.at, "digest": rec.digest,
+                           "status": rec.status, "body": rec.body},
+                          separators=(",", ":")).encode() + b"\n"
+
+    def _rewrite(self) -> None:
+        """Replace the file with the live entries (write, fsync, rename, fsync the directory)."""
+        tmp = self.path.with_suffix(".tmp")
+        with self._lock:
+            data = b"".join(self._line(k, r) for k, r in self._entries.items())
+            self._lines = len(self._entries)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _live(self, key: str) -> Recorded | None:
+        rec = self._entries.get(key)
+        if rec is not None and rec.at < self.clock() - self.retention:
+            del self._entries[key]
+            return None
+        return rec
+
+    def run(self, key: str, body: bytes, apply: Callable[[], tuple[int, dict[str, Any]]]
+            ) -> tuple[int, dict[str, Any], bool]:
+        """``apply()``'s answer, or the one recorded for ``key``: (status, body, replayed).
+        A request with a key already being applied waits for that one to finish."""
+        digest = hashlib.sha256(body).hexdigest()
+        while True:
+            with self._lock:
+                rec = self._live(key)
+                if rec is not None:
+                    break
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    self._inflight[key] = threading.Event()
+                    break
+            waiting.wait()
+        if rec is not None:
+            if rec.digest != digest:
+                return 422, {"error": f"{IDEMPOTENCY_HEADER} {key!r} was used for another batch "
+                                      "(a retry must resend the same body)"}, False
+            return rec.status, rec.body, True
+        try:
+            status, answer = apply()
+            if status in RECORDED_STATUSES:
+                self._record(key, Recorded(self.clock(), digest, status, answer))
+            return status, answer, False
+        finally:
+            with self._lock:
+                self._inflight.pop(key).set()
+
+    def _record(self, key: str, rec: Recorded) -> None:
+        # One lock over the append, the entry and any rewrite: a rewrite then never misses an
+        # entry whose line is already in the file it replaces.
+        with self._write_lock:
+            try:
+                data = self._line(key, rec)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+            except OSError as exc:
+                # The batch is journaled and answered; only a retry of it would count again.
+                log.error("cannot record %s %r: %s", IDEMPOTENCY_HEADER, key, exc)
+            with self._lock:
+                self._entries[key] = rec
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+                self._lines += 1
+                compact = self._lines > 2 * len(self._entries) + 1000
+            if compact and self._fd >= 0:
+                os.close(self._fd)
+                try:
+                    self._rewrite()
+                except OSError as exc:
+                    log.error("cannot rewrite %s: %s", self.path, exc)
+                finally:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                       0o600)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
