@@ -42,11 +42,22 @@ loglevel = "info"
 logger_class = "api.gunicorn_logging.JsonAccessLogger"
 
 
-def on_starting(server: object) -> None:
-    """A fresh metrics directory: files of a previous run would be summed in forever."""
+def on_starting(server: Any) -> None:
+    """A fresh metrics directory: files of a previous run would be summed in forever. And the
+    socket-per-worker mode only where it works (see reuse_port above)."""
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
+    if server.cfg.reuse_port:
+        if any(not isinstance(a, tuple) for a in server.cfg.address) or os.environ.get(
+                "LISTEN_FDS"):
+            # A unix socket or fd given with --bind, or systemd's sockets: one shared socket.
+            server.cfg.set("reuse_port", False)
+        elif os.environ.get("GUNICORN_FD") == "":
+            # A USR2 re-exec from a master in this mode hands over no sockets, and gunicorn
+            # 27 would fail to parse the empty list before it reaches its own reuse_port
+            # check; the new master's workers bind their sockets beside the old ones.
+            os.environ["GUNICORN_FD"] = "-1"
 
 
 def when_ready(server: Any) -> None:

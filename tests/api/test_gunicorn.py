@@ -209,3 +209,75 @@ def test_a_port_taken_by_another_program_stops_start_up(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert f"Connection in use: ('127.0.0.1', {port})" in done.stderr
     assert "Booting worker" not in done.stderr
+
+
+def _start_api(tmp_path: Path, name: str, extra_args: list[str],
+               env_extra: dict[str, str]) -> tuple[servers.ProcessHandle, str]:
+    """gunicorn from the venv's console script (what the Dockerfile runs)."""
+    (tmp_path / "config.json").write_text(json.dumps(config_dict()))
+    port = servers.free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "AICRM_CONFIG": str(tmp_path / "config.json"), "AICRM_API_BIND": f"127.0.0.1:{port}",
+           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{name}"), **env_extra}
+    handle = servers.ProcessHandle(name, tmp_path)
+    handle.start([Path(sys.executable).parent / "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
+                  *extra_args, "api:create_app()"], cwd=ROOT, env=env,
+                 ready_check=(servers.http_ok(f"http://127.0.0.1:{port}/healthz")
+                              if not extra_args else None), timeout=60)
+    return handle, f"http://127.0.0.1:{port}"
+
+
+def _until(check: Any, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.integration
+def test_usr2_upgrade_hands_over_to_a_new_master(tmp_path: Path) -> None:
+    """The binary upgrade (USR2, then QUIT to the old master) with a socket per worker: the
+    new master's workers listen beside the old ones, then alone."""
+    gunicorn, url = _start_api(tmp_path, "usr2", [], {})
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        assert _until(lambda: len(_ss(port, "listening")) == 2)
+        old = set(_ss(port, "listening"))
+        os.kill(gunicorn.pid, signal.SIGUSR2)
+        assert _until(lambda: len(_ss(port, "listening")) == 4), gunicorn.log_tail()
+        os.kill(gunicorn.pid, signal.SIGQUIT)
+        assert _until(lambda: len(set(_ss(port, "listening")) - old) == 2
+                      and not set(_ss(port, "listening")) & old), gunicorn.log_tail()
+        assert requests.get(url + "/healthz", timeout=5).status_code == 200
+        assert "Traceback" not in gunicorn.log_tail()
+    finally:
+        gunicorn.stop()
+
+
+@pytest.mark.integration
+def test_a_unix_socket_given_on_the_command_line_is_shared(tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "api.sock"
+    gunicorn, _ = _start_api(tmp_path, "unix", ["--bind", f"unix:{path}"], {})
+    try:
+        assert _until(lambda: path.exists())
+
+        def answered() -> bool:
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(str(path))
+                    s.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+                    return s.recv(64).split(b"\r\n", 1)[0].endswith(b" 200 OK")
+            except OSError:
+                return False
+
+        assert _until(answered)
+        log = gunicorn.log_tail()
+        assert f"Listening at: unix:{path}" in log and "SO_REUSEPORT" not in log, log
+    finally:
+        gunicorn.stop()
