@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,7 @@ def _start_api(tmp_path: Path, name: str, extra_args: list[str],
     return handle, f"http://127.0.0.1:{port}"
 
 
-def _until(check: Any, seconds: float = 20) -> bool:
+def _until(check: Callable[[], bool], seconds: float = 20) -> bool:
     deadline = time.monotonic() + seconds
     while not check():
         if time.monotonic() > deadline:
