@@ -2,7 +2,8 @@
 
 Environment: AICRM_API_BIND (default 0.0.0.0:5000, the container's address), AICRM_API_WORKERS
 (4), AICRM_API_THREADS (2), AICRM_API_TIMEOUT (30 s), AICRM_API_ACCESS_LOG ("-" for stdout,
-a path, or "off"), AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
+a path, or "off"), AICRM_API_CONTROL_SOCKET (gunicornc's socket; none by default),
+AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
 0: one socket shared by all workers), PROMETHEUS_MULTIPROC_DIR (the request metrics' shared
 directory).
 """
@@ -27,6 +28,13 @@ worker_class = "api.gunicorn_worker.Worker"
 # every worker would unlink and bind again.
 reuse_port = (os.environ.get("AICRM_API_REUSE_PORT", "1") != "0"
               and not bind.startswith(("unix:", "fd://")))
+# gunicorn 25.1+ opens a control socket for gunicornc at a per-user default path that every
+# instance of the user shares; off unless AICRM_API_CONTROL_SOCKET names a path (mode 0600).
+_control = os.environ.get("AICRM_API_CONTROL_SOCKET")
+if _control:
+    control_socket = _control
+else:
+    control_socket_disable = True
 threads = int(os.environ.get("AICRM_API_THREADS", "2"))
 timeout = int(os.environ.get("AICRM_API_TIMEOUT", "30"))
 graceful_timeout = 20

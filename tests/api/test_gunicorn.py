@@ -280,5 +280,6 @@ def test_a_unix_socket_given_on_the_command_line_is_shared(tmp_path: Path) -> No
         assert _until(answered)
         log = gunicorn.log_tail()
         assert f"Listening at: unix:{path}" in log and "SO_REUSEPORT" not in log, log
+        assert "Control socket" not in log  # no gunicornc socket unless configured
     finally:
         gunicorn.stop()
