@@ -21,6 +21,31 @@ log = logging.getLogger(__name__)
 STATE_FILE = "exporter-state.json"
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file, fsync, rename over ``path``, fsync the directory: a reader
+    (or a restart after power loss) sees the old content or the new, never a mix."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class StateFile:
     def __init__(self, state_dir: str | os.PathLike[str]):
         self.dir = Path(state_dir)
@@ -44,21 +69,6 @@ class StateFile:
         return data
 
     def write(self, data: dict[str, Any]) -> None:
-        """Write-to-temp, fsync, rename, fsync the directory: all or nothing on power loss."""
+        """All or nothing on power loss (replace_atomically)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        raw = msgspec.json.encode(data)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_atomically(self.path, msgspec.json.encode(data))

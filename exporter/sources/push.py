@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..events import Rejected, decode_line
+from ..state import replace_atomically, write_all
 from .files import Watch
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,7 @@ class Journal:
             if self._fd is None or self._size >= self.segment_bytes:
                 self._roll()
             assert self._fd is not None
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            write_all(self._fd, data)
             os.fsync(self._fd)
             self._size += len(data)
 
@@ -235,25 +234,11 @@ class IdempotencyIndex:
                           separators=(",", ":")).encode() + b"\n"
 
     def _rewrite(self) -> None:
-        """Replace the file with the live entries (write, fsync, rename, fsync the directory)."""
-        tmp = self.path.with_suffix(".tmp")
+        """Replace the file with the live entries, all or nothing."""
         with self._lock:
             data = b"".join(self._line(k, r) for k, r in self._entries.items())
             self._lines = len(self._entries)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_atomically(self.path, data)
 
     def _live(self, key: str) -> Recorded | None:
         rec = self._entries.get(key)
@@ -296,10 +281,7 @@ class IdempotencyIndex:
         # entry whose line is already in the file it replaces.
         with self._write_lock:
             try:
-                data = self._line(key, rec)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view):]
+                write_all(self._fd, self._line(key, rec))
                 os.fsync(self._fd)
             except OSError as exc:
                 # The batch is journaled and answered; only a retry of it would count again.

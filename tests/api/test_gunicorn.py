@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -123,6 +124,33 @@ def _ss(port: int, *state: str) -> list[int]:
     return [int(p) for p in re.findall(r"pid=([0-9]+)", out)]
 
 
+def _start_api(tmp_path: Path, name: str, extra_args: list[str],
+               api: dict[str, Any] | None = None) -> tuple[servers.ProcessHandle, str]:
+    """gunicorn from the venv's console script (what the Dockerfile runs), 2 workers, with
+    these ``api`` settings."""
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(api=api or {})))
+    port = servers.free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "AICRM_CONFIG": str(tmp_path / "config.json"), "AICRM_API_BIND": f"127.0.0.1:{port}",
+           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{name}")}
+    handle = servers.ProcessHandle(name, tmp_path)
+    handle.start([Path(sys.executable).parent / "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
+                  *extra_args, "api:create_app()"], cwd=ROOT, env=env,
+                 ready_check=(servers.http_ok(f"http://127.0.0.1:{port}/healthz")
+                              if not extra_args else None), timeout=60)
+    return handle, f"http://127.0.0.1:{port}"
+
+
+def _until(check: Callable[[], bool], seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @pytest.mark.integration
 def test_each_worker_listens_and_a_stopping_worker_drops_no_connection(tmp_path: Path) -> None:
     """reuse_port: every worker owns a listening socket and the arbiter none; a worker told to
@@ -132,27 +160,10 @@ def test_each_worker_listens_and_a_stopping_worker_drops_no_connection(tmp_path:
     from tests.api.test_promql import SlowBackend
 
     backend = SlowBackend(4)
-    cfg = config_dict(api={"prometheus_url": backend.url, "redis_url": None,
-                           "cache_ttl_seconds": 0, "query_timeout_seconds": 10,
-                           "rate_limit": "100000/minute", "api_keys_env": "TEST_API_KEYS"})
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    port = servers.free_port()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "AICRM_CONFIG": str(tmp_path / "config.json"),
-        "TEST_API_KEYS": API_KEY,
-        "AICRM_API_BIND": f"127.0.0.1:{port}",
-        "AICRM_API_WORKERS": "2",
-        "AICRM_API_ACCESS_LOG": "off",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-    }
-    url = f"http://127.0.0.1:{port}"
-    gunicorn = servers.ProcessHandle("gunicorn", tmp_path)
-    gunicorn.start(
-        [sys.executable, "-m", "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
-         "api:create_app()"],
-        cwd=ROOT, env=env, ready_check=servers.http_ok(url + "/healthz"), timeout=60,
-    )
+    gunicorn, url = _start_api(tmp_path, "gunicorn", [], {
+        "prometheus_url": backend.url, "redis_url": None, "cache_ttl_seconds": 0,
+        "query_timeout_seconds": 10, "rate_limit": "100000/minute"})
+    port = int(url.rsplit(":", 1)[1])
     try:
         deadline = time.monotonic() + 20
         while len(_ss(port, "listening")) < 2 and time.monotonic() < deadline:
@@ -212,37 +223,11 @@ def test_a_port_taken_by_another_program_stops_start_up(tmp_path: Path) -> None:
     assert "Booting worker" not in done.stderr
 
 
-def _start_api(tmp_path: Path, name: str, extra_args: list[str],
-               env_extra: dict[str, str]) -> tuple[servers.ProcessHandle, str]:
-    """gunicorn from the venv's console script (what the Dockerfile runs)."""
-    (tmp_path / "config.json").write_text(json.dumps(config_dict()))
-    port = servers.free_port()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "AICRM_CONFIG": str(tmp_path / "config.json"), "AICRM_API_BIND": f"127.0.0.1:{port}",
-           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off",
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{name}"), **env_extra}
-    handle = servers.ProcessHandle(name, tmp_path)
-    handle.start([Path(sys.executable).parent / "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
-                  *extra_args, "api:create_app()"], cwd=ROOT, env=env,
-                 ready_check=(servers.http_ok(f"http://127.0.0.1:{port}/healthz")
-                              if not extra_args else None), timeout=60)
-    return handle, f"http://127.0.0.1:{port}"
-
-
-def _until(check: Callable[[], bool], seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 @pytest.mark.integration
 def test_usr2_upgrade_hands_over_to_a_new_master(tmp_path: Path) -> None:
     """The binary upgrade (USR2, then QUIT to the old master) with a socket per worker: the
     new master's workers listen beside the old ones, then alone."""
-    gunicorn, url = _start_api(tmp_path, "usr2", [], {})
+    gunicorn, url = _start_api(tmp_path, "usr2", [])
     port = int(url.rsplit(":", 1)[1])
     try:
         assert _until(lambda: len(_ss(port, "listening")) == 2)
@@ -263,7 +248,7 @@ def test_a_unix_socket_given_on_the_command_line_is_shared(tmp_path: Path) -> No
     import socket
 
     path = tmp_path / "api.sock"
-    gunicorn, _ = _start_api(tmp_path, "unix", ["--bind", f"unix:{path}"], {})
+    gunicorn, _ = _start_api(tmp_path, "unix", ["--bind", f"unix:{path}"])
     try:
         assert _until(lambda: path.exists())
 
