@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -44,3 +46,13 @@ def store_and_registry(cfg: Config | None = None) -> tuple[MetricStore, Collecto
     registry = CollectorRegistry(auto_describe=False)
     registry.register(store)
     return store, registry
+
+
+def eventually(check: Callable[[], bool], seconds: float = 2.0, step: float = 0.01) -> bool:
+    """True once ``check()`` holds, False if it still does not after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from api.promql import PrometheusClient
 from api.ratelimit import RedisCounters
 from tests import servers
 from tests.api.conftest import API_KEY, KnownPrometheus
+from tests.helpers import eventually
 from tests.servers import LocalHTTPServer
 
 
@@ -54,16 +54,6 @@ def test_redis_limit_and_cache_in_one_script(
     assert all(0 < counters.client.pttl(k) <= 3_600_000 for k in keys)
 
 
-def _settles(check: Callable[[], bool], seconds: float = 2.0) -> bool:
-    """True once ``check()`` holds: a finished thread's storage is released just after join."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_redis_counters_survive_script_flush_and_dropped_connections(
     redis_server: servers.RedisServer,
 ) -> None:
@@ -95,7 +85,7 @@ def test_redis_counters_survive_script_flush_and_dropped_connections(
         t = threading.Thread(target=in_thread)
         t.start()
         t.join(10)
-        assert other == [4, 2] and _settles(lambda: len(counters._open) == 1)
+        assert other == [4, 2] and eventually(lambda: len(counters._open) == 1)
     finally:
         counters.close()
         admin.close()
@@ -180,7 +170,7 @@ def test_client_keeps_one_connection_per_thread(known_prometheus: KnownPrometheu
         t.start()
         t.join(10)
         assert seen == [2]
-        assert _settles(lambda: len(client._open) == 1)  # the thread's connection ended with it
+        assert eventually(lambda: len(client._open) == 1)  # the thread's connection ended with it
     finally:
         client.close()
     assert not client._open

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import requests
 
 from tests import servers
 from tests.api.conftest import API_KEY, ROOT, KnownPrometheus
-from tests.helpers import config_dict
+from tests.helpers import config_dict, eventually
 
 LIMIT = 20
 SENT = 50
@@ -142,15 +141,6 @@ def _start_api(tmp_path: Path, name: str, extra_args: list[str],
     return handle, f"http://127.0.0.1:{port}"
 
 
-def _until(check: Callable[[], bool], seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 @pytest.mark.integration
 def test_each_worker_listens_and_a_stopping_worker_drops_no_connection(tmp_path: Path) -> None:
     """reuse_port: every worker owns a listening socket and the arbiter none; a worker told to
@@ -230,13 +220,13 @@ def test_usr2_upgrade_hands_over_to_a_new_master(tmp_path: Path) -> None:
     gunicorn, url = _start_api(tmp_path, "usr2", [])
     port = int(url.rsplit(":", 1)[1])
     try:
-        assert _until(lambda: len(_ss(port, "listening")) == 2)
+        assert eventually(lambda: len(_ss(port, "listening")) == 2, 20)
         old = set(_ss(port, "listening"))
         os.kill(gunicorn.pid, signal.SIGUSR2)
-        assert _until(lambda: len(_ss(port, "listening")) == 4), gunicorn.log_tail()
+        assert eventually(lambda: len(_ss(port, "listening")) == 4, 20), gunicorn.log_tail()
         os.kill(gunicorn.pid, signal.SIGQUIT)
-        assert _until(lambda: len(set(_ss(port, "listening")) - old) == 2
-                      and not set(_ss(port, "listening")) & old), gunicorn.log_tail()
+        assert eventually(lambda: len(set(_ss(port, "listening")) - old) == 2
+                          and not set(_ss(port, "listening")) & old, 20), gunicorn.log_tail()
         assert requests.get(url + "/healthz", timeout=5).status_code == 200
         assert "Traceback" not in gunicorn.log_tail()
     finally:
@@ -250,7 +240,7 @@ def test_a_unix_socket_given_on_the_command_line_is_shared(tmp_path: Path) -> No
     path = tmp_path / "api.sock"
     gunicorn, _ = _start_api(tmp_path, "unix", ["--bind", f"unix:{path}"])
     try:
-        assert _until(lambda: path.exists())
+        assert eventually(path.exists, 20)
 
         def answered() -> bool:
             try:
@@ -262,7 +252,7 @@ def test_a_unix_socket_given_on_the_command_line_is_shared(tmp_path: Path) -> No
             except OSError:
                 return False
 
-        assert _until(answered)
+        assert eventually(answered, 20)
         log = gunicorn.log_tail()
         assert f"Listening at: unix:{path}" in log and "SO_REUSEPORT" not in log, log
         assert "Control socket" not in log  # no gunicornc socket unless configured
