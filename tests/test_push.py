@@ -548,3 +548,23 @@ def test_idempotency_index_expiry_damage_and_bounds(tmp_path: Path) -> None:
     lines = (tmp_path / IdempotencyIndex.FILE).read_bytes().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["key"] in "cde" for x in lines)
     reopened.close()
+
+
+def test_idempotency_index_keeps_at_most_max_bytes_of_answers(tmp_path: Path) -> None:
+    """A keyed batch of rejected lines has a long answer: the byte bound evicts the oldest."""
+    from exporter.sources.push import IdempotencyIndex
+
+    index = IdempotencyIndex(tmp_path, max_bytes=4096)
+    long_answer = {"accepted": 0, "rejected": [{"line": i, "reason": "malformed_json",
+                                                "error": "x" * 40} for i in range(20)]}
+    for k in range(6):  # about 1.6 kB a line
+        index.run(f"k{k}", b"%d" % k, lambda: (400, long_answer))
+    assert len(index) == 2
+    assert index.run("k5", b"5", lambda: (200, {}))[2] is True  # the newest are kept
+    assert index.run("k0", b"0", lambda: (200, {"again": 1}))[2] is False
+    index.close()
+    reopened = IdempotencyIndex(tmp_path, max_bytes=4096)
+    # k4, k5 and the small new k0 fit in 4 kB, and survive the restart.
+    assert len(reopened) == 3 and reopened.run("k5", b"5", lambda: (200, {}))[2] is True
+    assert reopened.run("k0", b"0", lambda: (200, {}))[1] == {"again": 1}
+    reopened.close()

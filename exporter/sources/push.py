@@ -183,7 +183,9 @@ class Recorded:
 class IdempotencyIndex:
     """The answers of keyed batches, for ``retention_seconds``, kept in memory and appended to
     ``<dir>/idempotency.jsonl`` (fsync'ed) before the answer goes out; rewritten without the
-    expired entries at start and whenever it holds twice as many lines as live entries.
+    expired entries at start and whenever it holds twice as many lines as live entries. At most
+    ``max_entries`` answers and ``max_bytes`` of them are kept, the oldest giving way (a batch
+    of rejected lines has a long answer).
 
     The journal is written first and the key after it: a crash between the two fsyncs (no
     answer was sent) leaves a batch that a retry with the same key applies again.
@@ -192,12 +194,16 @@ class IdempotencyIndex:
     FILE = "idempotency.jsonl"
 
     def __init__(self, directory: str | os.PathLike[str], retention_seconds: float = 86_400,
-                 max_entries: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+                 max_entries: int = 100_000, max_bytes: int = 64 << 20,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = Path(directory) / self.FILE
         self.retention = retention_seconds
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.clock = clock
         self._entries: OrderedDict[str, Recorded] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
         self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -222,10 +228,19 @@ class IdempotencyIndex:
                     log.warning("%s line %d skipped: %s", self.path, lineno, exc)
                     continue
                 if rec.at >= horizon:
-                    self._entries[key] = rec
-                    self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+                    self._admit(key, rec, len(raw))
+
+    def _admit(self, key: str, rec: Recorded, size: int) -> None:
+        """Keep an answer, then drop the oldest while over either bound (caller holds _lock
+        or is the constructor)."""
+        self._bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
+        self._entries[key] = rec
+        self._entries.move_to_end(key)
+        while self._entries and (len(self._entries) > self.max_entries
+                                 or self._bytes > self.max_bytes):
+            old, _ = self._entries.popitem(last=False)
+            self._bytes -= self._sizes.pop(old)
 
     @staticmethod
     def _line(key: str, rec: Recorded) -> bytes:
@@ -244,6 +259,7 @@ class IdempotencyIndex:
         rec = self._entries.get(key)
         if rec is not None and rec.at < self.clock() - self.retention:
             del self._entries[key]
+            self._bytes -= self._sizes.pop(key)
             return None
         return rec
 
@@ -280,17 +296,15 @@ class IdempotencyIndex:
         # One lock over the append, the entry and any rewrite: a rewrite then never misses an
         # entry whose line is already in the file it replaces.
         with self._write_lock:
+            line = self._line(key, rec)
             try:
-                write_all(self._fd, self._line(key, rec))
+                write_all(self._fd, line)
                 os.fsync(self._fd)
             except OSError as exc:
                 # The batch is journaled and answered; only a retry of it would count again.
                 log.error("cannot record %s %r: %s", IDEMPOTENCY_HEADER, key, exc)
             with self._lock:
-                self._entries[key] = rec
-                self._entries.move_to_end(key)
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
+                self._admit(key, rec, len(line))
                 self._lines += 1
                 compact = self._lines > 2 * len(self._entries) + 1000
             if compact and self._fd >= 0:
