@@ -296,6 +296,17 @@ def test_all_bad_batch_is_400_and_counted(exp: Running, tmp_path: Path) -> None:
     assert exp.requests_by_code(400) == 1
 
 
+def test_an_answer_lists_at_most_1000_rejected_lines(exp: Running) -> None:
+    r = exp.push(b"x\n" * 1200 + batch(1))
+    assert r.status_code == 200
+    answer = r.json()
+    assert answer["accepted"] == 1 and answer["rejected_total"] == 1200
+    assert len(answer["rejected"]) == 1000 and answer["rejected"][-1]["line"] == 1000
+    assert exp.rejected("invalid_json") == 1200  # every line is still counted
+    small = exp.push(b"x\n" + batch(1)).json()
+    assert "rejected_total" not in small and len(small["rejected"]) == 1
+
+
 def test_too_long_line_in_a_batch_is_rejected(start: Callable[..., Running]) -> None:
     exp = start()
     long_line = event(pad="x" * (1024 * 1024 + 1))

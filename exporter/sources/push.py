@@ -42,13 +42,27 @@ class RejectSink(Protocol):
     def reject(self, source: str, reason: str, n: int = 1) -> None: ...
 
 
+MAX_REPORTED_REJECTS = 1000
+"""Rejected lines listed in an answer; the rest are counted in ``rejected_total`` (a 10 MiB
+body of bad lines would otherwise make an answer of hundreds of MB)."""
+
+
 @dataclass(slots=True)
 class BatchResult:
     accepted: int = 0
     rejected: list[dict[str, object]] = field(default_factory=list)
+    rejected_total: int = 0
+
+    def reject(self, line: int, reason: str, detail: str) -> None:
+        self.rejected_total += 1
+        if len(self.rejected) < MAX_REPORTED_REJECTS:
+            self.rejected.append({"line": line, "reason": reason, "error": detail})
 
     def as_dict(self) -> dict[str, object]:
-        return {"accepted": self.accepted, "rejected": self.rejected}
+        out: dict[str, object] = {"accepted": self.accepted, "rejected": self.rejected}
+        if self.rejected_total > len(self.rejected):
+            out["rejected_total"] = self.rejected_total
+        return out
 
 
 class Journal:
@@ -152,7 +166,7 @@ def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,
             rej = decode_line(line)
         if isinstance(rej, Rejected):
             sink.reject(SOURCE, rej.reason)
-            result.rejected.append({"line": i, "reason": rej.reason, "error": rej.detail})
+            result.reject(i, rej.reason, rej.detail)
         else:
             good.append(line)
     journal.append(good)
