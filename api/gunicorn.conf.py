@@ -24,10 +24,9 @@ workers = int(os.environ.get("AICRM_API_WORKERS", "4"))
 # gthread, closing a stopping worker's own listening socket at once (api/gunicorn_worker.py).
 worker_class = "api.gunicorn_worker.Worker"
 # A listening socket per worker (SO_REUSEPORT): the kernel spreads connections over the
-# workers instead of the first to wake taking a whole burst. Not for a unix socket, which
-# every worker would unlink and bind again.
-reuse_port = (os.environ.get("AICRM_API_REUSE_PORT", "1") != "0"
-              and not bind.startswith(("unix:", "fd://")))
+# workers instead of the first to wake taking a whole burst. on_starting turns it off for a
+# unix socket (which every worker would unlink and bind again), an fd, or systemd's sockets.
+reuse_port = os.environ.get("AICRM_API_REUSE_PORT", "1") != "0"
 # gunicorn 25.1+ opens a control socket for gunicornc at a per-user default path that every
 # instance of the user shares; off unless AICRM_API_CONTROL_SOCKET names a path (mode 0600).
 _control = os.environ.get("AICRM_API_CONTROL_SOCKET")
