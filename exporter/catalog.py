@@ -196,6 +196,12 @@ TASK_HUMAN_SECONDS_SAVED = MetricSpec(
     "aicrm_task_human_seconds_saved", G,
     "Human time one successful task of this type saves, from config.json.", ("task_type",),
 )
+LINK_INFO = MetricSpec(
+    "aicrm_link_info", G,
+    "Base URLs of the Grafana and runbook links in alert annotations, from config.json "
+    "(always 1).",
+    ("grafana_url", "runbook_url"),
+)
 BUILD_INFO = MetricSpec(
     "aicrm_build_info", G, "The exporter's version (always 1).", ("version",),
 )

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -32,6 +33,8 @@ LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_RE)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+# A link base (URL or path): one clickable token in a chat message or an e-mail.
+_NO_SPACE = re.compile(r"[^\s\x00-\x1f\x7f]+")
 
 # OpenTelemetry GenAI semantic conventions: well-known gen_ai.provider.name values.
 DEFAULT_PROVIDERS = (
@@ -221,6 +224,40 @@ class ApiSettings(_Model):
     listen: str = "127.0.0.1:5000"
 
 
+class Links(_Model):
+    """Where alert notifications link to, published as ``aicrm_link_info`` so every alert's
+    ``dashboard_url`` and ``runbook_url`` follow this file without a rule rewrite."""
+
+    grafana_url: str = "http://localhost:3000"
+    """Grafana's base URL (a sub-path is fine); alerts append ``/d/<uid>?var-...``."""
+    runbook_url: str = "docs/runbooks.md"
+    """The runbook document, a URL or a path; alerts append ``#<alert name in lower case>``."""
+
+    @field_validator("grafana_url")
+    @classmethod
+    def _grafana_base(cls, v: str) -> str:
+        base = v.rstrip("/")  # alerts add the slash of "/d/<uid>"
+        try:
+            parts = urlsplit(base) if _NO_SPACE.fullmatch(base) else None
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or "?" in base or "#" in base):
+            raise ValueError(
+                "expected an http:// or https:// base URL without query or fragment, "
+                f"such as 'https://grafana.example.com', got {v!r}")
+        return base
+
+    @field_validator("runbook_url")
+    @classmethod
+    def _runbook_base(cls, v: str) -> str:
+        if not _NO_SPACE.fullmatch(v) or "#" in v:
+            raise ValueError(
+                "expected a URL or path without spaces or '#' (alerts append "
+                f"'#<alert name>'), such as 'https://wiki.example.com/aicrm-runbooks', got {v!r}")
+        return v
+
+
 class Config(_Model):
     agents: tuple[Agent, ...]
     task_types: tuple[TaskType, ...]
@@ -235,6 +272,7 @@ class Config(_Model):
     sources: Sources = Sources()
     exporter: ExporterSettings = ExporterSettings()
     api: ApiSettings = ApiSettings()
+    links: Links = Links()
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:

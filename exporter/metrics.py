@@ -413,6 +413,11 @@ class MetricStore(Collector):
             info.add_sample(info.name, {"agent": a.name, "team": a.team}, 1.0)
         yield info
 
+        links = Metric(c.LINK_INFO.name, c.LINK_INFO.help, "gauge")
+        links.add_sample(links.name, {"grafana_url": cfg.links.grafana_url,
+                                      "runbook_url": cfg.links.runbook_url}, 1.0)
+        yield links
+
         build = Metric(c.BUILD_INFO.name, c.BUILD_INFO.help, "gauge")
         build.add_sample(build.name, {"version": __version__}, 1.0)
         yield build

@@ -18,6 +18,7 @@ def test_shipped_config_is_valid() -> None:
     assert cfg.exporter.state_dir == str(ROOT / "data/state")
     assert cfg.sources.task_db is not None
     assert cfg.sources.task_db.url == f"sqlite:///{ROOT}/data/tasks.db"
+    assert cfg.links.grafana_url == "http://localhost:3000"
 
 
 def test_defaults_fill_optional_sections() -> None:
@@ -26,6 +27,21 @@ def test_defaults_fill_optional_sections() -> None:
     assert not cfg.sources.push.enabled
     assert cfg.thresholds.agent_success_ratio_min == 0.9
     assert cfg.exporter.listen == "127.0.0.1:9464"
+    # The links alerts fall back to when no exporter publishes aicrm_link_info.
+    assert cfg.links.grafana_url == "http://localhost:3000"
+    assert cfg.links.runbook_url == "docs/runbooks.md"
+
+
+def test_link_bases() -> None:
+    """Alerts append "/d/<uid>" and "#<alert>": a trailing slash on Grafana's URL is dropped,
+    a sub-path kept, and the runbook base taken as written (a URL or a path)."""
+    cfg = parse_config(config_dict(links={"grafana_url": "https://example.com/grafana//",
+                                          "runbook_url": "https://wiki.example.com/aicrm.md"}))
+    assert cfg.links.grafana_url == "https://example.com/grafana"
+    assert cfg.links.runbook_url == "https://wiki.example.com/aicrm.md"
+    cfg = parse_config(config_dict(links={"grafana_url": "http://[::1]:3000/"}))
+    assert cfg.links.grafana_url == "http://[::1]:3000"
+    assert cfg.links.runbook_url == "docs/runbooks.md"
 
 
 def _set(d: dict, path: str, value: object) -> dict:
@@ -63,6 +79,18 @@ def _set(d: dict, path: str, value: object) -> dict:
         ("agents.0.task_types", ["qualify_lead", "nap"], "agents[0].task_types[1]",
          "'nap' is not a declared task type"),
         ("unknown_key", 1, "unknown_key", "Extra inputs are not permitted"),
+        ("links.grafana_url", "grafana.example.com", "links.grafana_url",
+         "expected an http:// or https:// base URL"),
+        ("links.grafana_url", "ftp://grafana.example.com", "links.grafana_url",
+         "expected an http:// or https:// base URL"),
+        ("links.grafana_url", "https://grafana.example.com/?orgId=1", "links.grafana_url",
+         "without query or fragment"),
+        ("links.grafana_url", "https:// grafana", "links.grafana_url",
+         "expected an http:// or https:// base URL"),
+        ("links.runbook_url", "https://wiki.example.com/aicrm#alerts", "links.runbook_url",
+         "without spaces or '#'"),
+        ("links.runbook_url", "", "links.runbook_url", "without spaces or '#'"),
+        ("links.dashboards_url", "x", "links.dashboards_url", "Extra inputs are not permitted"),
     ],
 )
 def test_errors_name_the_key(path: str, value: object, location: str, message: str) -> None:

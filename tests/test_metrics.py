@@ -226,6 +226,23 @@ def test_config_series() -> None:
     assert g("aicrm_build_info", {"version": "0.1.0"}) == 1
 
 
+def test_link_info_series() -> None:
+    """One series, labelled with the link bases that alert annotations read."""
+    links = {"grafana_url": "https://grafana.example.com/",
+             "runbook_url": "https://runbooks.example.com/aicrm.md"}
+    store, reg = store_and_registry(make_config(links=links))
+    configured = {"grafana_url": "https://grafana.example.com",
+                  "runbook_url": "https://runbooks.example.com/aicrm.md"}
+    assert reg.get_sample_value("aicrm_link_info", configured) == 1
+    assert (b'\naicrm_link_info{grafana_url="https://grafana.example.com",'
+            b'runbook_url="https://runbooks.example.com/aicrm.md"} 1.0\n') in store.render_text()
+    series = [s for m in reg.collect() if m.name == "aicrm_link_info" for s in m.samples]
+    assert [s.labels for s in series] == [configured]
+    _, reg = store_and_registry(make_config())
+    assert reg.get_sample_value("aicrm_link_info", {
+        "grafana_url": "http://localhost:3000", "runbook_url": "docs/runbooks.md"}) == 1
+
+
 def test_active_users_windows() -> None:
     now = [1_800_000_000.0]
     store = MetricStore(make_config(), clock=lambda: now[0])
