@@ -115,6 +115,8 @@ def test_incident_alert_reaches_the_webhook(
         }
         cfg["exporter"] = {"listen": f"127.0.0.1:{exporter_port}",
                            "state_dir": str(tmp_path / "state")}
+        cfg["links"] = {"grafana_url": "https://grafana.example.com/",
+                        "runbook_url": "https://runbooks.example.com/aicrm.md"}
         config_path = tmp_path / "config.json"
         config_path.write_text(json.dumps(cfg))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -156,7 +158,11 @@ def test_incident_alert_reaches_the_webhook(
         alert = firing[0]
         assert alert["labels"]["severity"] == "warning"
         assert alert["labels"]["team"] == "sales-ops"  # joined from aicrm_agent_info
-        assert alert["annotations"]["dashboard_url"].endswith(f"var-agent={DEGRADED}")
+        # Links start with config.json's bases, through aicrm_link_info.
+        assert alert["annotations"]["dashboard_url"] == (
+            f"https://grafana.example.com/d/aicrm-agents?var-agent={DEGRADED}")
+        assert alert["annotations"]["runbook_url"] == (
+            "https://runbooks.example.com/aicrm.md#aicrmagentsuccessbelowobjective")
         assert "below its objective" in alert["annotations"]["summary"]
         # The alert is about the incident, not noise: as results accumulate, the degraded
         # agent settles clearly below every healthy one.

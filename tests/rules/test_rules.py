@@ -14,15 +14,18 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
-from exporter.catalog import ALL, Kind
+from exporter.catalog import ALL, LINK_INFO, Kind
+from exporter.config import Links
+from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "recording_rules"
@@ -34,7 +37,18 @@ ALERT_FILES = sorted((RULES_DIR / "alerts").glob("*.alerts.yml"))
 RULE_FILES = RECORDING_FILES + ALERT_FILES
 TEST_FILES = sorted(RULES_DIR.rglob("*_test.yml"))
 
-DASHBOARD_BASE = "http://localhost:3000/d/"
+# Every alert link starts with a base from aicrm_link_info (config.json `links`): the current
+# series; if no exporter publishes it (all down), the newest of the last week; else the default.
+LINK_QUERIES = (
+    LINK_INFO.name,
+    f"topk(1, last_over_time(timestamp({LINK_INFO.name})[1w:1m]))",
+)
+_PICK = r'\{\{ with query "(?P<%s>[^"]*)" \}\}\{\{ \. \| first \| label "(?P<%s>\w+)" \}\}'
+LINK = re.compile(
+    _PICK % ("query", "label") + r"\{\{ else \}\}" + _PICK % ("fallback", "fallback_label")
+    + r"\{\{ else \}\}(?P<default>[^{}]+)\{\{ end \}\}\{\{ end \}\}(?P<rest>.*)",
+    re.DOTALL,
+)
 DASHBOARD_UIDS = {
     "aicrm-overview",
     "aicrm-tasks",
@@ -165,12 +179,41 @@ def test_alert_shape(path: Path) -> None:
         ann = rule.get("annotations", {})
         for key in ("summary", "description", "dashboard_url", "runbook_url"):
             assert ann.get(key), f"{name}: no {key} annotation"
-        url = ann["dashboard_url"]
-        assert url.startswith(DASHBOARD_BASE), f"{name}: {url}"
-        uid = url.removeprefix(DASHBOARD_BASE).split("?")[0]
+        dashboard = _link(name, ann["dashboard_url"], "grafana_url", Links().grafana_url)
+        assert dashboard.startswith("/d/"), f"{name}: {ann['dashboard_url']}"
+        uid = dashboard.removeprefix("/d/").split("?")[0]
         assert uid in DASHBOARD_UIDS, f"{name}: unknown dashboard {uid}"
-        assert ann["runbook_url"] == f"docs/runbooks.md#{name.lower()}", name
+        runbook = _link(name, ann["runbook_url"], "runbook_url", Links().runbook_url)
+        assert runbook == f"#{name.lower()}", f"{name}: {ann['runbook_url']}"
         assert name.lower() in headings, f"docs/runbooks.md has no section {name}"
+
+
+def _link(alert: str, template: str, label: str, default: str) -> str:
+    """What an alert link appends to its base; the base must come from aicrm_link_info's
+    ``label``, falling back to config.json's default for the key."""
+    m = LINK.fullmatch(template)
+    assert m, f"{alert}: link does not start with the aicrm_link_info base: {template}"
+    assert (m["query"], m["fallback"]) == LINK_QUERIES, f"{alert}: {template}"
+    assert (m["label"], m["fallback_label"], m["default"]) == (label, label, default), (
+        f"{alert}: {template}")
+    assert label in LINK_INFO.labels
+    return m["rest"]
+
+
+def test_link_template_parsing() -> None:
+    url = "".join(
+        f'{{{{ with query "{q}" }}}}{{{{ . | first | label "grafana_url" }}}}{{{{ else }}}}'
+        for q in LINK_QUERIES
+    ) + "http://localhost:3000{{ end }}{{ end }}/d/aicrm-tasks?var-x={{ $labels.x }}"
+    assert _link("A", url, "grafana_url", "http://localhost:3000") == (
+        "/d/aicrm-tasks?var-x={{ $labels.x }}")
+    for bad in ("http://localhost:3000/d/aicrm-tasks",
+                url.replace("grafana_url", "runbook_url", 1),
+                url.replace("[1w:1m]", "[1d:1m]"),
+                url.replace("{{ end }}{{ end }}", "{{ end }}"),
+                url.replace("http://localhost:3000", "http://grafana:3000")):
+        with pytest.raises(AssertionError):
+            _link("A", bad, "grafana_url", "http://localhost:3000")
 
 
 def _catalog_names() -> set[str]:
@@ -344,8 +387,8 @@ def test_alertmanager_delivers_and_inhibits(tmp_path: Path) -> None:
         ann = {
             "summary": "s",
             "description": "d",
-            "dashboard_url": DASHBOARD_BASE + "aicrm-overview",
-            "runbook_url": "docs/runbooks.md#x",
+            "dashboard_url": "https://grafana.example.com/d/aicrm-overview",
+            "runbook_url": "https://runbooks.example.com/aicrm.md#aicrmexporterdown",
         }
         _http(
             "POST",
@@ -387,3 +430,68 @@ def test_alertmanager_delivers_and_inhibits(tmp_path: Path) -> None:
         proc.wait(timeout=10)
         server.shutdown()
         server.server_close()
+
+
+# --- Links in a second ruler ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_vmalert_expands_links_from_aicrm_link_info(
+    tmp_path: Path,
+    vm_factory: Callable[..., servers.VictoriaMetricsServer],
+    vmalert_factory: Callable[..., servers.VmalertServer],
+    alertmanager_factory: Callable[..., servers.AlertmanagerServer],
+) -> None:
+    """vmalert over VictoriaMetrics (the scale profile) renders the same links as promtool's
+    tests: the newest links of the last week while the exporter is down, then the current ones."""
+    doc = _load(RULES_DIR / "alerts" / "system.alerts.yml")
+    for group in doc["groups"]:
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            rule["for"] = "0s"
+    rules = tmp_path / "system.alerts.yml"
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+    vm = vm_factory()
+
+    def push(lines: list[str]) -> None:
+        url = f"{vm.url}/api/v1/import/prometheus"
+        with requests.post(url, data="\n".join(lines), timeout=10) as response:
+            response.raise_for_status()
+        vm.force_flush()
+
+    def links(grafana: str, runbook: str, instance: str = "a") -> str:
+        return (f'aicrm_link_info{{job="aicrm-exporter",instance="{instance}",'
+                f'grafana_url="{grafana}",runbook_url="{runbook}"}} 1')
+
+    now = int(time.time())
+    # Named to sort first, as VictoriaMetrics orders results: only topk() picks the newest.
+    old = links("https://grafana-old.example.com", "docs/old-runbooks.md")
+    new = links("https://grafana.example.com", "https://runbooks.example.com/aicrm.md")
+    # Published old links 3h-2h ago, new links 2h-1h ago; down ever since.
+    push([f"{old} {t * 1000}" for t in range(now - 3 * 3600, now - 2 * 3600, 15)]
+         + [f"{new} {t * 1000}" for t in range(now - 2 * 3600, now - 3600, 15)]
+         + [f'up{{job="aicrm-exporter",instance="a"}} 0 {t * 1000}'
+            for t in range(now - 600, now + 600, 15)])
+    am = alertmanager_factory({"route": {"receiver": "null"}, "receivers": [{"name": "null"}]})
+    vmalert_factory([rules], vm.url, notifier_url=am.url)
+
+    def annotations() -> dict[str, str]:
+        deadline = time.monotonic() + 30
+        while True:
+            for alert in am.alerts(filter="alertname=AicrmExporterDown"):
+                return dict(alert["annotations"])
+            assert time.monotonic() < deadline, "AicrmExporterDown never reached Alertmanager"
+            time.sleep(0.2)
+
+    ann = annotations()
+    assert ann["dashboard_url"] == "https://grafana.example.com/d/aicrm-overview", ann
+    assert ann["runbook_url"] == "https://runbooks.example.com/aicrm.md#aicrmexporterdown", ann
+
+    # Another exporter publishes links now: they win over any older ones.
+    current = links("https://current.example.com/grafana", "docs/runbooks.md", instance="b")
+    push([f"{current} {t * 1000}" for t in range(now - 60, now + 600, 15)])
+    deadline = time.monotonic() + 30
+    while annotations()["dashboard_url"] != "https://current.example.com/grafana/d/aicrm-overview":
+        assert time.monotonic() < deadline, annotations()
+        time.sleep(0.2)
+    assert annotations()["runbook_url"] == "docs/runbooks.md#aicrmexporterdown"
