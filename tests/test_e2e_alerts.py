@@ -180,6 +180,23 @@ def test_incident_alert_reaches_the_webhook(
         # Alertmanager itself holds it, routed by the shipped tree.
         assert any(a["labels"]["alertname"] == "AicrmAgentSuccessBelowObjective"
                    for a in am.alerts())
+
+        # The exporter goes down: its aicrm_link_info goes stale at once, and the page still
+        # links to the configured Grafana (the last links system.rules.yml recorded).
+        exporter.stop()
+        deadline = time.monotonic() + 60
+        down: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not down:
+            down = [a for a in prom.get_json("/api/v1/alerts")["data"]["alerts"]
+                    if a["labels"]["alertname"] == "AicrmExporterDown"
+                    and a["state"] == "firing"]
+            time.sleep(0.5)
+        assert down, "AicrmExporterDown did not fire after the exporter stopped"
+        assert not prom.query("aicrm_link_info")
+        assert down[0]["annotations"]["dashboard_url"] == (
+            "https://grafana.example.com/d/aicrm-overview")
+        assert down[0]["annotations"]["runbook_url"] == (
+            "https://runbooks.example.com/aicrm.md#aicrmexporterdown")
     finally:
         for p in reversed(procs):
             p.stop()

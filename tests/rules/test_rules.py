@@ -39,10 +39,8 @@ TEST_FILES = sorted(RULES_DIR.rglob("*_test.yml"))
 
 # Every alert link starts with a base from aicrm_link_info (config.json `links`): the current
 # series; if no exporter publishes it (all down), the newest of the last week; else the default.
-LINK_QUERIES = (
-    LINK_INFO.name,
-    f"topk(1, last_over_time(timestamp({LINK_INFO.name})[1w:1m]))",
-)
+LINK_LAST_SEEN = f"grafana_url_runbook_url:{LINK_INFO.name}:timestamp"  # system.rules.yml
+LINK_QUERIES = (LINK_INFO.name, f"topk(1, last_over_time({LINK_LAST_SEEN}[1w]))")
 _PICK = r'\{\{ with query "(?P<%s>[^"]*)" \}\}\{\{ \. \| first \| label "(?P<%s>\w+)" \}\}'
 LINK = re.compile(
     _PICK % ("query", "label") + r"\{\{ else \}\}" + _PICK % ("fallback", "fallback_label")
@@ -200,6 +198,10 @@ def _link(alert: str, template: str, label: str, default: str) -> str:
     return m["rest"]
 
 
+def test_link_fallback_reads_a_recorded_series() -> None:
+    assert LINK_LAST_SEEN in {r["record"] for _, r in _rules(RECORDING_FILES)}
+
+
 def test_link_template_parsing() -> None:
     url = "".join(
         f'{{{{ with query "{q}" }}}}{{{{ . | first | label "grafana_url" }}}}{{{{ else }}}}'
@@ -209,7 +211,7 @@ def test_link_template_parsing() -> None:
         "/d/aicrm-tasks?var-x={{ $labels.x }}")
     for bad in ("http://localhost:3000/d/aicrm-tasks",
                 url.replace("grafana_url", "runbook_url", 1),
-                url.replace("[1w:1m]", "[1d:1m]"),
+                url.replace("[1w]", "[1d]"),
                 url.replace("{{ end }}{{ end }}", "{{ end }}"),
                 url.replace("http://localhost:3000", "http://grafana:3000")):
         with pytest.raises(AssertionError):
@@ -443,7 +445,8 @@ def test_vmalert_expands_links_from_aicrm_link_info(
     alertmanager_factory: Callable[..., servers.AlertmanagerServer],
 ) -> None:
     """vmalert over VictoriaMetrics (the scale profile) renders the same links as promtool's
-    tests: the newest links of the last week while the exporter is down, then the current ones."""
+    tests: the newest links of the last week (as recorded by system.rules.yml) while the exporter
+    is down, then the current ones."""
     doc = _load(RULES_DIR / "alerts" / "system.alerts.yml")
     for group in doc["groups"]:
         group["interval"] = "1s"
@@ -459,17 +462,18 @@ def test_vmalert_expands_links_from_aicrm_link_info(
             response.raise_for_status()
         vm.force_flush()
 
-    def links(grafana: str, runbook: str, instance: str = "a") -> str:
-        return (f'aicrm_link_info{{job="aicrm-exporter",instance="{instance}",'
-                f'grafana_url="{grafana}",runbook_url="{runbook}"}} 1')
+    def links(grafana: str, runbook: str) -> str:
+        return f'{{grafana_url="{grafana}",runbook_url="{runbook}"}}'
 
     now = int(time.time())
     # Named to sort first, as VictoriaMetrics orders results: only topk() picks the newest.
     old = links("https://grafana-old.example.com", "docs/old-runbooks.md")
     new = links("https://grafana.example.com", "https://runbooks.example.com/aicrm.md")
     # Published old links 3h-2h ago, new links 2h-1h ago; down ever since.
-    push([f"{old} {t * 1000}" for t in range(now - 3 * 3600, now - 2 * 3600, 15)]
-         + [f"{new} {t * 1000}" for t in range(now - 2 * 3600, now - 3600, 15)]
+    push([f"{LINK_LAST_SEEN}{old} {t} {t * 1000}"
+          for t in range(now - 3 * 3600, now - 2 * 3600, 30)]
+         + [f"{LINK_LAST_SEEN}{new} {t} {t * 1000}"
+            for t in range(now - 2 * 3600, now - 3600, 30)]
          + [f'up{{job="aicrm-exporter",instance="a"}} 0 {t * 1000}'
             for t in range(now - 600, now + 600, 15)])
     am = alertmanager_factory({"route": {"receiver": "null"}, "receivers": [{"name": "null"}]})
@@ -488,8 +492,9 @@ def test_vmalert_expands_links_from_aicrm_link_info(
     assert ann["runbook_url"] == "https://runbooks.example.com/aicrm.md#aicrmexporterdown", ann
 
     # Another exporter publishes links now: they win over any older ones.
-    current = links("https://current.example.com/grafana", "docs/runbooks.md", instance="b")
-    push([f"{current} {t * 1000}" for t in range(now - 60, now + 600, 15)])
+    current = links("https://current.example.com/grafana", "docs/runbooks.md")
+    push([f'{LINK_INFO.name}{{job="aicrm-exporter",instance="b",{current[1:]} 1 {t * 1000}'
+          for t in range(now - 60, now + 600, 15)])
     deadline = time.monotonic() + 30
     while annotations()["dashboard_url"] != "https://current.example.com/grafana/d/aicrm-overview":
         assert time.monotonic() < deadline, annotations()
