@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from api import queries  # noqa: E402
+from api.validation import parse_duration  # noqa: E402
 from bench.common import machine  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.api.conftest import API_KEY, start_known_prometheus, stop_known  # noqa: E402
@@ -42,8 +43,6 @@ SWEEP_AGENT = "lead-qualifier"
 def sweep_cases(windows: list[str]) -> list[tuple[str, str]]:
     """(API path, the expression it sends) for each uncached endpoint that sends one query, at
     each window: the Prometheus side of the comparison runs the very expression the API builds."""
-    from api.validation import parse_duration
-
     cases = []
     for w in windows:
         seconds = parse_duration(w)

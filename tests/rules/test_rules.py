@@ -26,6 +26,7 @@ import yaml
 from exporter.catalog import ALL, LINK_INFO, Kind
 from exporter.config import Links
 from tests import servers
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "recording_rules"
@@ -495,8 +496,7 @@ def test_vmalert_expands_links_from_aicrm_link_info(
     current = links("https://current.example.com/grafana", "docs/runbooks.md")
     push([f'{LINK_INFO.name}{{job="aicrm-exporter",instance="b",{current[1:]} 1 {t * 1000}'
           for t in range(now - 60, now + 600, 15)])
-    deadline = time.monotonic() + 30
-    while annotations()["dashboard_url"] != "https://current.example.com/grafana/d/aicrm-overview":
-        assert time.monotonic() < deadline, annotations()
-        time.sleep(0.2)
+    assert eventually(lambda: annotations()["dashboard_url"]
+                      == "https://current.example.com/grafana/d/aicrm-overview", 30, 0.2), (
+        annotations())
     assert annotations()["runbook_url"] == "docs/runbooks.md#aicrmexporterdown"
