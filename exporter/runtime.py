@@ -19,7 +19,7 @@ from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
 from .server import Handlers, Server
 from .sources.files import FileTailer, Watch
-from .sources.push import IdempotencyIndex, Journal, ingest_batch
+from .sources.push import BatchResult, IdempotencyIndex, Journal, ingest_batch, validate_batch
 from .state import StateFile
 
 log = logging.getLogger(__name__)
@@ -119,19 +119,24 @@ class Exporter:
         its first answer again and is not journaled twice."""
         if key is None or self.idempotency is None:
             return (*self._apply_batch(body), False)
-        return self.idempotency.run(key, body, lambda: self._apply_batch(body))
+        return self.idempotency.run(key, body, lambda marker: self._apply_batch(body, marker),
+                                    lambda: self._replay_batch(body))
 
-    def _apply_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def _apply_batch(self, body: bytes, marker: bytes = b"") -> tuple[int, dict[str, Any]]:
         assert self.journal is not None
         try:
-            result = ingest_batch(body, self.journal, self.store,
+            result = ingest_batch(body, self.journal, self.store, marker=marker,
                                   max_line_bytes=self.cfg.exporter.max_line_bytes)
         except OSError as exc:
             log.error("push journal write failed: %s", exc)
             return 503, {"error": "could not store the batch durably; retry"}
-        if result.rejected and not result.accepted:
-            return 400, {**result.as_dict(), "error": "no line was accepted"}
-        return 200, result.as_dict()
+        return _answer(result)
+
+    def _replay_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """The answer of a batch already journaled (recovered after a crash), counting
+        nothing again."""
+        result, _ = validate_batch(body, None, max_line_bytes=self.cfg.exporter.max_line_bytes)
+        return _answer(result)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         states = self.store.source_states()
@@ -180,3 +185,8 @@ class Exporter:
         if self.idempotency is not None:
             self.idempotency.close()
 
+
+def _answer(result: BatchResult) -> tuple[int, dict[str, Any]]:
+    if result.rejected_total and not result.accepted:
+        return 400, {**result.as_dict(), "error": "no line was accepted"}
+    return 200, result.as_dict()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ from prometheus_client import CollectorRegistry
 from exporter import catalog as c
 from exporter.config import ConfigError, parse_config
 from exporter.runtime import Exporter
+from exporter.sources.push import BATCH_MARKER
+from tests.servers import ProcessHandle, free_port, http_ok
 
 TOKEN = "s3cret-push-token"
 TOKEN_ENV = "AICRM_TEST_INGEST_TOKEN"
@@ -121,6 +125,11 @@ def journal_lines(state_dir: Path) -> list[bytes]:
     for seg in sorted((state_dir / "push").glob("journal-*.jsonl")):
         out.extend(seg.read_bytes().splitlines())
     return out
+
+
+def event_lines(state_dir: Path) -> list[bytes]:
+    """The journal's lines without the keyed batches' markers."""
+    return [x for x in journal_lines(state_dir) if not x.startswith(BATCH_MARKER)]
 
 
 def raw_request(port: int, head: bytes, body: bytes = b"", *, half_close: bool = False
@@ -469,7 +478,7 @@ def test_a_retried_batch_is_answered_again_and_counted_once(
     exp2.wait_for(lambda: exp2.results() == 9)
     time.sleep(0.2)
     assert exp2.results() == 9
-    assert len(journal_lines(state_dir)) <= 9  # the replays wrote nothing
+    assert len(event_lines(state_dir)) <= 9  # the replays wrote nothing
     # Without a key nothing is deduplicated (the contract's default is unchanged).
     plain = batch(1)
     assert exp2.push(plain).status_code == 200 and exp2.push(plain).status_code == 200
@@ -526,6 +535,68 @@ def test_concurrent_retries_apply_the_batch_once(exp: Running) -> None:
     assert exp.results() == 5
 
 
+CRASH_IN_RECORD = """
+import os, sys
+from exporter.sources import push
+push.IdempotencyIndex._record = lambda *args: os._exit(137)  # a crash before the key's record
+from exporter.cli import main
+sys.exit(main(["--config", sys.argv[1]]))
+"""
+
+
+def test_a_crash_between_journal_and_key_record_still_answers_the_retry_once(
+    start: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies after the batch is journaled (fsync'ed) and before its key is: the
+    client got no answer and retries. The next start finds the key in the journal's marker."""
+    state_dir = tmp_path / "state"
+    port = free_port()
+    cfg = config(state_dir)
+    cfg["exporter"]["listen"] = f"127.0.0.1:{port}"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    crashing = ProcessHandle("crashing-exporter", tmp_path)
+    crashing.start([sys.executable, "-c", CRASH_IN_RECORD, str(tmp_path / "config.json")],
+                   env={**os.environ, TOKEN_ENV: TOKEN},
+                   ready_check=http_ok(f"http://127.0.0.1:{port}/healthz"))
+    body = batch(7) + b"not json\n"
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"http://127.0.0.1:{port}/v1/events", data=body, timeout=10,
+                      headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "b-1"})
+    assert crashing.process is not None and crashing.process.wait(10) == 137
+    crashing.stop()
+    assert len(event_lines(state_dir)) == 7  # journaled before the crash
+
+    exp = start(state_dir)
+    retry = keyed(exp, body, "b-1")
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.json() == {"accepted": 7, "rejected": [
+        {"line": 8, "reason": "invalid_json", "error": retry.json()["rejected"][0]["error"]}]}
+    assert keyed(exp, body, "b-1").json() == retry.json()  # and from the record from now on
+    assert keyed(exp, batch(4) + b"x\n", "b-1").status_code == 422  # the digest was kept
+    exp.wait_for(lambda: exp.results() == 7)
+    time.sleep(0.2)
+    assert exp.results() == 7
+    # The retry counted nothing (the crashed process's own count was never saved), and the
+    # marker line is not an event the file source rejects.
+    assert exp.rejected("invalid_json") == 0 and exp.rejected("missing_field") == 0
+    assert len(event_lines(state_dir)) == 7
+
+
+def test_a_pushed_line_like_a_batch_marker_is_rejected(exp: Running) -> None:
+    """Only the exporter writes markers: a client's line that looks like one is no event."""
+    forged = b'{"aicrm_push_batch":{"key":"b-9","digest":"00","at":1}}\n'
+    r = keyed(exp, forged + batch(1), "b-8")
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    assert [x["line"] for x in r.json()["rejected"]] == [1]
+    journal = journal_lines(Path(exp.exporter.cfg.exporter.state_dir))
+    assert len(journal) == 2 and journal[1].startswith(BATCH_MARKER)  # the event, its marker
+    assert b'"b-9"' not in journal[1] and b'"b-8"' in journal[1]
+
+
+def _no_replay() -> tuple[int, dict[str, Any]]:
+    raise AssertionError("only a batch recovered from the journal is replayed")
+
+
 def test_idempotency_index_expiry_damage_and_bounds(tmp_path: Path) -> None:
     from exporter.sources.push import IdempotencyIndex
 
@@ -534,19 +605,19 @@ def test_idempotency_index_expiry_damage_and_bounds(tmp_path: Path) -> None:
                              clock=lambda: now[0])
     applied: list[str] = []
 
-    def apply(name: str, status: int = 200) -> Callable[[], tuple[int, dict[str, Any]]]:
-        return lambda: (applied.append(name), (status, {"name": name}))[1]
+    def apply(name: str, status: int = 200) -> Callable[[bytes], tuple[int, dict[str, Any]]]:
+        return lambda _marker: (applied.append(name), (status, {"name": name}))[1]
 
-    assert index.run("a", b"A", apply("a")) == (200, {"name": "a"}, False)
-    assert index.run("a", b"A", apply("a2")) == (200, {"name": "a"}, True)
+    assert index.run("a", b"A", apply("a"), _no_replay) == (200, {"name": "a"}, False)
+    assert index.run("a", b"A", apply("a2"), _no_replay) == (200, {"name": "a"}, True)
     # A failed write (503) is not recorded: the retry is applied for real.
-    assert index.run("b", b"B", apply("b", 503))[0] == 503
-    assert index.run("b", b"B", apply("b2"))[2] is False
+    assert index.run("b", b"B", apply("b", 503), _no_replay)[0] == 503
+    assert index.run("b", b"B", apply("b2"), _no_replay)[2] is False
     now[0] += 101  # "a" expires
-    assert index.run("a", b"A", apply("a3"))[2] is False
+    assert index.run("a", b"A", apply("a3"), _no_replay)[2] is False
     assert applied == ["a", "b", "b2", "a3"]
     for k in ("c", "d", "e"):
-        index.run(k, k.encode(), apply(k))
+        index.run(k, k.encode(), apply(k), _no_replay)
     assert len(index) == 3  # the oldest entries gave way
     index.close()
     # A line cut by a crash is skipped; the rest survive a restart.
@@ -554,8 +625,8 @@ def test_idempotency_index_expiry_damage_and_bounds(tmp_path: Path) -> None:
         f.write(b'{"key": "cut", "at": ')
     reopened = IdempotencyIndex(tmp_path, retention_seconds=100, max_entries=3,
                                 clock=lambda: now[0])
-    assert reopened.run("e", b"e", apply("e2"))[2] is True
-    assert reopened.run("c", b"c", apply("c2"))[2] is True
+    assert reopened.run("e", b"e", apply("e2"), _no_replay)[2] is True
+    assert reopened.run("c", b"c", apply("c2"), _no_replay)[2] is True
     lines = (tmp_path / IdempotencyIndex.FILE).read_bytes().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["key"] in "cde" for x in lines)
     reopened.close()
@@ -569,13 +640,14 @@ def test_idempotency_index_keeps_at_most_max_bytes_of_answers(tmp_path: Path) ->
     long_answer = {"accepted": 0, "rejected": [{"line": i, "reason": "malformed_json",
                                                 "error": "x" * 40} for i in range(20)]}
     for k in range(6):  # about 1.6 kB a line
-        index.run(f"k{k}", b"%d" % k, lambda: (400, long_answer))
+        index.run(f"k{k}", b"%d" % k, lambda _m: (400, long_answer), _no_replay)
     assert len(index) == 2
-    assert index.run("k5", b"5", lambda: (200, {}))[2] is True  # the newest are kept
-    assert index.run("k0", b"0", lambda: (200, {"again": 1}))[2] is False
+    assert index.run("k5", b"5", lambda _m: (200, {}), _no_replay)[2] is True  # newest kept
+    assert index.run("k0", b"0", lambda _m: (200, {"again": 1}), _no_replay)[2] is False
     index.close()
     reopened = IdempotencyIndex(tmp_path, max_bytes=4096)
     # k4, k5 and the small new k0 fit in 4 kB, and survive the restart.
-    assert len(reopened) == 3 and reopened.run("k5", b"5", lambda: (200, {}))[2] is True
-    assert reopened.run("k0", b"0", lambda: (200, {}))[1] == {"again": 1}
+    assert len(reopened) == 3 and reopened.run("k5", b"5", lambda _m: (200, {}),
+                                               _no_replay)[2] is True
+    assert reopened.run("k0", b"0", lambda _m: (200, {}), _no_replay)[1] == {"again": 1}
     reopened.close()

@@ -53,6 +53,9 @@ class Watch:
 
     source: str
     pattern: str
+    marker: bytes = b""
+    """Lines that start with this and are not events are the writer's own bookkeeping (the
+    push journal's batch markers): skipped without counting them as rejected."""
 
 
 @dataclass(slots=True)
@@ -137,6 +140,7 @@ class FileTailer:
         self.files: dict[str, Tracked] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         self._reject_log = RejectLog()
+        self._markers = {w.source: w.marker for w in self.watches if w.marker}
         for w in self.watches:
             sink.add_source(w.source)
 
@@ -326,6 +330,7 @@ class FileTailer:
             lines[0] = b""
             t.skipping = False
         max_len = self.max_line_bytes
+        marker = self._markers.get(source)
         check_utf8 = not _is_utf8(data)
         for i, line in enumerate(lines):
             if len(line) > max_len:
@@ -340,6 +345,8 @@ class FileTailer:
             try:
                 ev = decode_event(line)
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+                if marker and line.startswith(marker):
+                    continue
                 rej = decode_line(line)
                 assert isinstance(rej, Rejected)
                 self._reject(t, first_line + i, rej)

@@ -10,6 +10,9 @@ A batch sent with an ``Idempotency-Key`` header is applied once: its answer is k
 digest of the body) for a day in ``<state_dir>/push/idempotency.jsonl``, and a retry with the
 same key gets the same answer again without its lines being journaled a second time, also
 after a restart. A client whose answer was lost can therefore retry without counting twice.
+The batch's lines are journaled with a marker line naming its key (in the same write and
+fsync), so a crash after the journal write and before the key's own record still leaves the
+key known at the next start: the retry's answer is then worked out again from its body.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from .files import Watch
 log = logging.getLogger(__name__)
 
 SOURCE = "push"
+BATCH_MARKER = b'{"aicrm_push_batch":'
+"""How a keyed batch's marker line in the journal starts: ``{"aicrm_push_batch": {"key": ...,
+"digest": ..., "at": ...}}``. Not an event, so a pushed line like it is rejected before it could
+reach the journal; the file source skips it."""
 _SEGMENT_RE = re.compile(r"^journal-(\d{12})\.jsonl$")
 
 
@@ -79,7 +86,7 @@ class Journal:
 
     @property
     def watch(self) -> Watch:
-        return Watch(SOURCE, str(self.dir / "journal-*.jsonl"))
+        return Watch(SOURCE, str(self.dir / "journal-*.jsonl"), BATCH_MARKER)
 
     def _sequences(self) -> list[int]:
         return [int(m.group(1)) for p in self.dir.iterdir() if (m := _SEGMENT_RE.match(p.name))]
@@ -149,8 +156,18 @@ def check_token(header: str | None, token: str) -> bool:
 
 
 def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,
-                 max_line_bytes: int) -> BatchResult:
-    """Validate an NDJSON body line by line; journal the good lines, report the bad ones."""
+                 max_line_bytes: int, marker: bytes = b"") -> BatchResult:
+    """Validate an NDJSON body line by line; journal the good lines (and ``marker``, the
+    batch's idempotency marker line, after them in the same fsync), report the bad ones."""
+    result, good = validate_batch(body, sink, max_line_bytes=max_line_bytes)
+    journal.append(good + [marker] if marker else good)
+    return result
+
+
+def validate_batch(body: bytes, sink: RejectSink | None, *,
+                   max_line_bytes: int) -> tuple[BatchResult, list[bytes]]:
+    """The answer for an NDJSON body and its good lines; rejects are counted in ``sink``
+    (``None`` works an answer out again without counting anything)."""
     result = BatchResult()
     good: list[bytes] = []
     lines = body.split(b"\n")
@@ -165,19 +182,21 @@ def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,
         else:
             rej = decode_line(line)
         if isinstance(rej, Rejected):
-            sink.reject(SOURCE, rej.reason)
+            if sink is not None:
+                sink.reject(SOURCE, rej.reason)
             result.reject(i, rej.reason, rej.detail)
         else:
             good.append(line)
-    journal.append(good)
     result.accepted = len(good)
-    return result
+    return result, good
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RECORDED_STATUSES = frozenset({200, 400})
 """Answers that a retry must get again; a 503 (the journal write failed) is retried for real."""
+RECOVERED = 0
+"""Status of a key found only as a journal marker: applied, its answer not recorded yet."""
 
 
 def valid_idempotency_key(key: str) -> bool:
@@ -201,8 +220,11 @@ class IdempotencyIndex:
     ``max_entries`` answers and ``max_bytes`` of them are kept, the oldest giving way (a batch
     of rejected lines has a long answer).
 
-    The journal is written first and the key after it: a crash between the two fsyncs (no
-    answer was sent) leaves a batch that a retry with the same key applies again.
+    ``apply(marker)`` journals the batch with ``marker`` (its key, body digest and time) in the
+    same fsync, and the key's record follows. A crash between the two (no answer was sent) is
+    repaired at the next start: the journal's segments are searched for markers whose key has
+    no record, each is kept as applied (status ``RECOVERED``), and the retry gets the answer
+    ``replay()`` works out again from the body, without journaling or counting it again.
     """
 
     FILE = "idempotency.jsonl"
@@ -223,6 +245,7 @@ class IdempotencyIndex:
         self._write_lock = threading.Lock()
         self._lines = 0
         self._load()
+        self._recover()
         self._rewrite()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
@@ -243,6 +266,20 @@ class IdempotencyIndex:
                     continue
                 if rec.at >= horizon:
                     self._admit(key, rec, len(raw))
+
+    def _recover(self) -> None:
+        """Keep the keys of journaled batches whose record a crash cut off."""
+        horizon = self.clock() - self.retention
+        found = 0
+        for path in sorted(p for p in self.path.parent.iterdir() if _SEGMENT_RE.match(p.name)):
+            for key, rec in _markers(path):
+                if rec.at >= horizon and key not in self._entries:
+                    self._admit(key, rec, len(self._line(key, rec)))
+                    found += 1
+        if found:
+            log.warning("%d keyed push batches were journaled but their answers not recorded "
+                        "(a crash); their retries get the answer again without counting twice",
+                        found)
 
     def _admit(self, key: str, rec: Recorded, size: int) -> None:
         """Keep an answer, then drop the oldest while over either bound (caller holds _lock
@@ -277,10 +314,17 @@ class IdempotencyIndex:
             return None
         return rec
 
-    def run(self, key: str, body: bytes, apply: Callable[[], tuple[int, dict[str, Any]]]
+    def marker(self, key: str, digest: str, at: float) -> bytes:
+        """The journal line that records a keyed batch beside its lines."""
+        return BATCH_MARKER + json.dumps({"key": key, "digest": digest, "at": at},
+                                         separators=(",", ":")).encode() + b"}"
+
+    def run(self, key: str, body: bytes, apply: Callable[[bytes], tuple[int, dict[str, Any]]],
+            replay: Callable[[], tuple[int, dict[str, Any]]]
             ) -> tuple[int, dict[str, Any], bool]:
-        """``apply()``'s answer, or the one recorded for ``key``: (status, body, replayed).
-        A request with a key already being applied waits for that one to finish."""
+        """``apply(marker)``'s answer, or the one recorded for ``key``: (status, body,
+        replayed); ``replay()`` answers a retry of a batch recovered from the journal. A
+        request with a key already being applied waits for that one to finish."""
         digest = hashlib.sha256(body).hexdigest()
         while True:
             with self._lock:
@@ -296,15 +340,22 @@ class IdempotencyIndex:
             if rec.digest != digest:
                 return 422, {"error": f"{IDEMPOTENCY_HEADER} {key!r} was used for another batch "
                                       "(a retry must resend the same body)"}, False
-            return rec.status, rec.body, True
+            if rec.status != RECOVERED:
+                return rec.status, rec.body, True
         try:
-            status, answer = apply()
+            if rec is not None:
+                status, answer = replay()
+                self._record(key, Recorded(rec.at, digest, status, answer))
+                return status, answer, True
+            at = self.clock()
+            status, answer = apply(self.marker(key, digest, at))
             if status in RECORDED_STATUSES:
-                self._record(key, Recorded(self.clock(), digest, status, answer))
+                self._record(key, Recorded(at, digest, status, answer))
             return status, answer, False
         finally:
-            with self._lock:
-                self._inflight.pop(key).set()
+            if rec is None:
+                with self._lock:
+                    self._inflight.pop(key).set()
 
     def _record(self, key: str, rec: Recorded) -> None:
         # One lock over the append, the entry and any rewrite: a rewrite then never misses an
@@ -340,3 +391,34 @@ class IdempotencyIndex:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _markers(path: Path) -> list[tuple[str, Recorded]]:
+    """The batch markers in one journal segment (a damaged one is skipped with a warning)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        log.error("cannot read %s for batch markers: %s", path, exc)
+        return []
+    found = []
+    start = 0 if data.startswith(BATCH_MARKER) else _next_marker(data, 0)
+    while start >= 0:
+        end = data.find(b"\n", start)
+        if end < 0:
+            break  # cut by a crash before its newline (and fsync): the batch was not answered
+        try:
+            d = json.loads(data[start:end])
+            m = d["aicrm_push_batch"]
+            if len(d) != 1:
+                raise ValueError("not a marker")
+            found.append((str(m["key"]), Recorded(float(m["at"]), str(m["digest"]),
+                                                  RECOVERED, {})))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: a line starting like a batch marker skipped: %s", path, exc)
+        start = _next_marker(data, end)
+    return found
+
+
+def _next_marker(data: bytes, frm: int) -> int:
+    i = data.find(b"\n" + BATCH_MARKER, frm)
+    return i + 1 if i >= 0 else -1
