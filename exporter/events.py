@@ -16,8 +16,18 @@ import msgspec
 from msgspec import Meta, Struct
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
-NonNegative = Annotated[float, Meta(ge=0)]
-NonNegativeInt = Annotated[int, Meta(ge=0)]
+# Upper bounds far above any real value, so that sums of them stay finite: a counter that
+# reached +Inf would stay there (and its saved state, JSON null, is no number). A value past a
+# bound is rejected as out_of_range.
+MAX_DURATION_MS = 365 * 86_400_000.0
+"""One year."""
+MAX_COST_USD = 1_000_000.0
+"""For one LLM call."""
+MAX_COUNT = 1_000_000_000
+"""Tokens of one call, retries of one task."""
+DurationMs = Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)]
+CostUsd = Annotated[float, Meta(ge=0, le=MAX_COST_USD)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 # RFC 3339 with an offset or Z, or Unix epoch seconds.
 Timestamp = Annotated[datetime, Meta(tz=True)] | float | None
 AnyId = Annotated[str, Meta(max_length=256)] | int | None
@@ -38,8 +48,8 @@ class TaskResult(_Event, tag="task_result"):
     task_type: Name
     outcome: Literal["success", "failure", "escalated"]
     task_id: AnyId = None
-    duration_ms: NonNegative | None = None
-    retries: NonNegativeInt | None = None
+    duration_ms: DurationMs | None = None
+    retries: Count | None = None
     workflow: Name | None = None
 
 
@@ -48,17 +58,17 @@ class LlmCall(_Event, tag="llm_call"):
     model: Name
     operation: Name = "chat"
     provider: Name | None = None
-    duration_ms: NonNegative | None = None
-    input_tokens: NonNegativeInt | None = None
-    output_tokens: NonNegativeInt | None = None
-    cost_usd: NonNegative | None = None
+    duration_ms: DurationMs | None = None
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    cost_usd: CostUsd | None = None
     error_type: Name | None = None
 
 
 class ToolCall(_Event, tag="tool_call"):
     agent: Name
     tool: Name
-    duration_ms: NonNegative | None = None
+    duration_ms: DurationMs | None = None
     outcome: Literal["success", "failure"] = "success"
     error_type: Name | None = None
 
@@ -74,7 +84,7 @@ class IntegrationCall(_Event, tag="integration_call"):
     platform: Name
     operation: Name
     status: Annotated[int, Meta(ge=100, le=599)] | Literal["timeout"] | None = None
-    duration_ms: NonNegative | None = None
+    duration_ms: DurationMs | None = None
     agent: Name | None = None
 
 

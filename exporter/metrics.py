@@ -13,6 +13,7 @@ with the counters (the file tailer) hold it while they apply a batch.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from bisect import bisect_left
@@ -515,7 +516,7 @@ class MetricStore(Collector):
                 if d is None:
                     continue
                 for row in rows:
-                    d[tuple(row[:-1])] = float(row[-1])
+                    d[tuple(row[:-1])] = _saved(row[-1])
             for name, rows in state.get("histograms", {}).items():
                 h = self._hists.get(name)
                 if h is None:
@@ -523,9 +524,15 @@ class MetricStore(Collector):
                 width = len(self._bounds[name]) + 3
                 for row in rows:
                     if len(row[-1]) == width:  # bucket layout unchanged
-                        h[tuple(row[:-1])] = [float(x) for x in row[-1]]
+                        h[tuple(row[:-1])] = [_saved(x) for x in row[-1]]
             self._users = {int(k): float(v) for k, v in state.get("users", [])}
             self.version += 1
+
+
+def _saved(value: float | None) -> float:
+    """A saved number: JSON has no infinity, so a sum that overflowed was saved as null (the
+    event bounds keep sums finite; a state from before them may hold one)."""
+    return math.inf if value is None else float(value)
 
 
 def _hist_data(h: HistState) -> HistogramData:

@@ -84,7 +84,24 @@ BAD = [
      b'"ts":"2026-11-25T10:00:00"}', "wrong_type", "timezone"),
     (b'{"event":"task_result","agent":"a","task_type":"t","outcome":"success","duration_ms":1e999}',
      "out_of_range", "`$.duration_ms`"),
+    # Finite but past the bounds: two of them would sum to +Inf.
+    (b'{"event":"llm_call","agent":"a","model":"m","cost_usd":1.7e308}', "out_of_range",
+     "`$.cost_usd`"),
+    (b'{"event":"llm_call","agent":"a","model":"m","cost_usd":1000000.01}', "out_of_range",
+     "`$.cost_usd`"),
+    (b'{"event":"tool_call","agent":"a","tool":"t","duration_ms":31536000001}', "out_of_range",
+     "`$.duration_ms`"),
+    (b'{"event":"llm_call","agent":"a","model":"m","output_tokens":1000000001}', "out_of_range",
+     "`$.output_tokens`"),
+    (b'{"event":"task_result","agent":"a","task_type":"t","outcome":"success",'
+     b'"retries":1000000001}', "out_of_range", "`$.retries`"),
 ]
+
+
+def test_values_at_their_bounds_are_accepted() -> None:
+    ev = decode_line(b'{"event":"llm_call","agent":"a","model":"m","cost_usd":1000000,'
+                     b'"duration_ms":31536000000,"input_tokens":1000000000}')
+    assert not isinstance(ev, Rejected)
 
 
 @pytest.mark.parametrize(("line", "reason", "detail"), BAD)

@@ -1,3 +1,4 @@
+import math
 import re
 import shutil
 import subprocess
@@ -336,6 +337,23 @@ def test_dump_and_load_round_trip() -> None:
     b = [ln for ln in other.render_text().decode().splitlines() if "source_" not in ln
          and "aicrm_task" not in ln and "aicrm_tasks" not in ln]
     assert a == b
+
+
+def test_a_sum_saved_as_null_loads_as_infinity() -> None:
+    """JSON has no infinity: a state from before the event bounds may hold an overflowed sum
+    as null, which must not stop the start."""
+    store = _populated_store()
+    with store.lock:
+        state = store.dump()
+    name, rows = next((k, v) for k, v in state["counters"].items() if v)
+    rows[0][-1] = None
+    hname, hrows = next((k, v) for k, v in state["histograms"].items() if v)
+    hrows[0][-1][-2] = None  # the sum
+    other, registry = store_and_registry(load_config(ROOT / "config.json"))
+    other.load(state)
+    labels = dict(zip(catalog.BY_NAME[name].labels, rows[0][:-1], strict=True))
+    assert registry.get_sample_value(name, labels) == math.inf
+    assert other.dump()["histograms"][hname][0][-1][-2] == math.inf
 
 
 def test_load_rejects_unknown_version() -> None:

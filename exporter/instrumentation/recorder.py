@@ -32,7 +32,18 @@ from .. import __version__
 from .. import catalog as c
 from ..catalog import Kind, MetricSpec
 from ..config import Config, load_config
-from ..events import Event, Handoff, IntegrationCall, Interaction, LlmCall, TaskResult, ToolCall
+from ..events import (
+    MAX_COST_USD,
+    MAX_COUNT,
+    MAX_DURATION_MS,
+    Event,
+    Handoff,
+    IntegrationCall,
+    Interaction,
+    LlmCall,
+    TaskResult,
+    ToolCall,
+)
 from ..labels import LabelSet, LabelSets
 from ..metrics import status_class
 from .naming import INSTRUMENTED, attribute_key, otel_name
@@ -135,16 +146,16 @@ class _Instrument:
 def _duration(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if not 0 <= value <= MAX_DURATION_MS:
+        raise ValueError(f"{name} must be a number from 0 to {MAX_DURATION_MS:g}, got {value!r}")
     return value / _MS
 
 
 def _count(name: str, value: int | None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be an integer from 0 to {MAX_COUNT}, got {value!r}")
     return value
 
 
@@ -268,8 +279,9 @@ class Instrumentation:
         seconds = _duration("duration_ms", duration_ms)
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens)
-        if cost_usd is not None and not cost_usd >= 0:
-            raise ValueError(f"cost_usd must be a non-negative number, got {cost_usd!r}")
+        if cost_usd is not None and not 0 <= cost_usd <= MAX_COST_USD:
+            raise ValueError(f"cost_usd must be a number from 0 to {MAX_COST_USD:g}, "
+                             f"got {cost_usd!r}")
         ls = self.labels
         agent_l = self._m(ls.agents, agent)
         model_l = self._m(ls.models, model)
