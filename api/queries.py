@@ -1,14 +1,19 @@
 """Every PromQL expression the API sends, built from the recorded series of recording_rules/.
 
 A window W (1m..30d) is answered from the rates the rules record at 5m, 1h and, for some
-series, 1d ("bases"). For each family the base is the longest recorded window <= W (the
-shortest one if W is shorter than all):
+series, 1d ("bases"):
 
-- W equal to the base: the recorded series itself (the number Grafana and alerts show);
-- otherwise: ``avg_over_time(series[W])``, the mean of the recorded rate over W, as the SLO rules
-  do for 30m..6h. The base grows with W, so a series is read at most W / (its rule interval)
-  times: 120 samples up to 1h (5m rates every 30s), 1,440 up to 1d (1h rates every minute),
-  8,640 at 30d where a 1d rate is recorded (every 5 minutes), 43,200 where only 1h is.
+- W equal to a base: the recorded series itself (the number Grafana and alerts show);
+- otherwise ``avg_over_time(series[W])``, the mean of the recorded rate over W, as the SLO rules
+  do for 30m..6h, from the longest base b with 12 b <= W (the shortest one if none is). That
+  mean weighs what happened in the last b (and the b before W) partly, so b is kept at most a
+  twelfth of W: a change in the last hour of a 90-minute window is not averaged away as it is
+  with the 1h rates. A series is read at most W / (its rule interval) times: 1,440 samples below
+  12h (5m rates every 30s), 17,280 below 12d (1h rates every minute), 8,640 at 30d where a 1d
+  rate is recorded (every 5 minutes), 43,200 where only 1h is;
+- W shorter than every base (1m..4m; under 1h for a family recorded at 1h and 1d): the shortest
+  base's rate, and the window before it is that base's length back, not W, so the two do not
+  overlap.
 
 Counts are mean rate x W seconds; ratios are ratios of mean rates (never means of ratios);
 percentiles are ``histogram_quantile`` of the mean recorded bucket rates. The task database's
@@ -54,10 +59,23 @@ def matcher(label: str, value: str, op: str = "=") -> str:
     return f'{label}{op}"{escaped}"'
 
 
+SMEAR = 12
+"""A window averages a base's rates only when it is at least this many bases long."""
+
+
 def pick_base(available: Iterable[str], window: int) -> str:
     ordered = sorted(available, key=BASES.__getitem__)
-    fitting = [b for b in ordered if BASES[b] <= window]
+    for b in ordered:
+        if BASES[b] == window:
+            return b
+    fitting = [b for b in ordered if BASES[b] * SMEAR <= window]
     return fitting[-1] if fitting else ordered[0]
+
+
+def _offset(offset: int, window: int, base: str) -> int:
+    """A window shorter than its base is answered by the base's rate, so the window before it
+    starts one base back."""
+    return max(offset, BASES[base]) if offset and window < BASES[base] else offset
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class Recorded:
         """Mean per-second rate over the window ending ``offset`` seconds ago."""
         b = self.base(window)
         sel = selector(self.names[b], matchers)
+        offset = _offset(offset, window, b)
         off = f" offset {duration(offset)}" if offset else ""
         if window <= BASES[b]:
             return f"{sel}{off}"

@@ -37,6 +37,11 @@ def test_every_series_read_is_recorded() -> None:
         (300, "task_type_status:aicrm_tasks:rate5m"),
         (600, "avg_over_time(task_type_status:aicrm_tasks:rate5m[600s])"),
         (3600, "task_type_status:aicrm_tasks:rate1h"),
+        # Longer than a base but not twelve of them: the 5m rates, so the last hour of 90
+        # minutes is not blurred by a 1h rate.
+        (5400, "avg_over_time(task_type_status:aicrm_tasks:rate5m[5400s])"),
+        (11 * 3600, "avg_over_time(task_type_status:aicrm_tasks:rate5m[39600s])"),
+        (12 * 3600, "avg_over_time(task_type_status:aicrm_tasks:rate1h[43200s])"),
         (30 * 86400, "avg_over_time(task_type_status:aicrm_tasks:rate1h[2592000s])"),
     ],
 )
@@ -46,8 +51,21 @@ def test_bases(window: int, expected: str) -> None:
 
 def test_offsets_and_1d_bases() -> None:
     assert (queries.SPEND.mean(2 * 86400, (), offset=2 * 86400)
-            == "avg_over_time(agent:aicrm_agent_cost_usd:rate1d[172800s] offset 172800s)")
+            == "avg_over_time(agent:aicrm_agent_cost_usd:rate1h[172800s] offset 172800s)")
+    assert queries.SPEND.mean(86400) == "agent:aicrm_agent_cost_usd:rate1d"
+    assert (queries.SPEND.mean(30 * 86400)
+            == "avg_over_time(agent:aicrm_agent_cost_usd:rate1d[2592000s])")
     assert queries.G_SAVED.mean(60) == "global:aicrm_task_human_seconds_saved:rate1h"
+
+
+def test_the_window_before_a_short_one_does_not_overlap_it() -> None:
+    """A window shorter than its base is the base's rate: the one before starts a base back."""
+    assert (queries.G_COMPLETED.mean(60, (), offset=60)
+            == "global:aicrm_tasks_completed:rate5m offset 300s")
+    assert (queries.G_SAVED.mean(1800, (), offset=1800)
+            == "global:aicrm_task_human_seconds_saved:rate1h offset 3600s")
+    assert (queries.G_COMPLETED.mean(600, (), offset=600)
+            == "avg_over_time(global:aicrm_tasks_completed:rate5m[600s] offset 600s)")
 
 
 def test_raw_families_use_subqueries() -> None:
