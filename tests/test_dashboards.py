@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -426,6 +427,62 @@ def test_every_panel_returns_data(
     finally:
         exporter.stop()
         simulator.stop()
+
+
+# A busy hour then a quiet one whose ratio is ten times higher: the headline must be the range's
+# total over its total (as a rule over the whole range would say), not the mean of the two
+# hourly ratios. Per series: (numerator, denominator) rates of the busy hour, of the quiet hour.
+UNEVEN_HOURS = {
+    "Task completion": (
+        ("global:aicrm_tasks_completed:rate1h", 90, 1),
+        ("global:aicrm_tasks:rate1h", 100, 10),
+    ),
+    "Agent success": (
+        ("global:aicrm_agent_task_results_success:rate1h", 90, 1),
+        ("global:aicrm_agent_task_results:rate1h", 100, 10),
+    ),
+    "Cost per successful task": (
+        ("global:aicrm_agent_cost_usd:rate1h", 1, 0.1),
+        ("global:aicrm_agent_task_results_success:rate1h", 100, 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("title", sorted(UNEVEN_HOURS))
+def test_executive_ratios_are_total_over_total(tmp_path: Path, title: str) -> None:
+    (panel,) = (p for p in panels(DASHBOARDS["executive"]) if p["title"] == title)
+    (expr,) = (t["expr"] for t in panel["targets"] if t["refId"] == "A")
+    promql = substitute(expr, variable_names(DASHBOARDS["executive"]),
+                        {"__range": "2h", "__range_s": "7200"})
+    (num, num_busy, num_quiet), (den, den_busy, den_quiet) = UNEVEN_HOURS[title]
+    # One sample a minute from 1m to 120m: the 2h range at 120m holds all of them.
+    series = {num: (num_busy, num_quiet), den: (den_busy, den_quiet)}
+    expected = (num_busy + num_quiet) / (den_busy + den_quiet)
+    assert abs(expected - (num_busy / den_busy + num_quiet / den_quiet) / 2) > expected / 10
+    (tmp_path / "none.yml").write_text("groups: []\n", encoding="utf-8")
+    test = {
+        "rule_files": ["none.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": name, "values": f"_ {busy}x59 {quiet}x59"}
+                for name, (busy, quiet) in series.items()
+            ],
+            # 1 when the panel's value is the expected one (to rounding); nothing if no value.
+            "promql_expr_test": [{
+                "expr": f"abs(({promql}) - {expected!r}) < bool 1e-9",
+                "eval_time": "120m",
+                "exp_samples": [{"value": 1}],
+            }],
+        }],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test), encoding="utf-8")
+    proc = subprocess.run(
+        [servers.require_binary("promtool"), "test", "rules", "test.yml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_provisioning_points_at_the_fixed_datasource_and_the_dashboards() -> None:

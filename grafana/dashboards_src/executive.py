@@ -2,7 +2,9 @@
 
 Every figure covers the dashboard's time range and is compared with the range just before
 it (same length), so "last 7 days" reads against the 7 days before. Totals are the range's
-mean of the recorded 1h rates times its length.
+mean of the recorded 1h rates times its length. Ratios are the range mean of the recorded
+numerator rate over that of the denominator (total over total), never the mean of hourly
+ratios, which would weigh a quiet hour as much as a busy one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from grafana import common as c
 AG = 'agent=~"$agent"'
 
 
-def _over_range(series: str, total: bool, previous: bool = False) -> str:
+def _over_range(series: str | tuple[str, str], total: bool, previous: bool = False) -> str:
+    """The range's mean of a recorded rate (times the range's length if ``total``), or for a
+    (numerator, denominator) pair the ratio of their means; no value where the denominator
+    was zero throughout."""
+    if isinstance(series, tuple):
+        numerator, denominator = (_over_range(s, False, previous) for s in series)
+        return f"{numerator} / ({denominator} > 0)"
     offset = " offset $__range" if previous else ""
     expr = f"avg_over_time({series}[$__range]{offset})"
     return f"{expr} * $__range_s" if total else expr
@@ -26,7 +34,7 @@ def _kpi(
     title: str,
     description: str,
     unit: str,
-    series: str,
+    series: str | tuple[str, str],
     *,
     total: bool = False,
     relative: bool = True,
@@ -80,7 +88,7 @@ def completion_ratio() -> stat.Panel:
         "Share of finished tasks that completed rather than failed or were cancelled; red "
         "below the task_completion_ratio objective.",
         c.RATIO,
-        "global:aicrm_tasks:completed_ratio_rate1h",
+        ("global:aicrm_tasks_completed:rate1h", "global:aicrm_tasks:rate1h"),
         relative=False,
         limit=c.objective("task_completion_ratio"),
     )
@@ -91,7 +99,10 @@ def success_ratio() -> stat.Panel:
         "Agent success",
         "Share of the agents' task results that succeeded; red below agent_success_ratio_min.",
         c.RATIO,
-        "global:aicrm_agent_task_results:success_ratio_rate1h",
+        (
+            "global:aicrm_agent_task_results_success:rate1h",
+            "global:aicrm_agent_task_results:rate1h",
+        ),
         relative=False,
         limit=c.threshold("agent_success_ratio_min", matchers='agent=""'),
     )
@@ -145,7 +156,7 @@ def cost_per_task() -> stat.Panel:
         "Model spend divided by successful task results; red above "
         "cost_per_successful_task_max_usd.",
         c.USD,
-        "global:aicrm_agent_cost_usd_per_successful_task:ratio_rate1h",
+        ("global:aicrm_agent_cost_usd:rate1h", "global:aicrm_agent_task_results_success:rate1h"),
         limit=c.threshold("cost_per_successful_task_max_usd"),
         above_is_bad=True,
     )

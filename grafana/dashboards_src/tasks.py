@@ -115,17 +115,29 @@ def duration_vs_target() -> timeseries.Panel:
     )
 
 
+DURATION_BUCKETS = "task_type_le:aicrm_task_duration_seconds_bucket:rate5m"
+
+
+def _duration_quantile(q: float) -> str:
+    """A quantile of every selected task type's durations together: their recorded bucket
+    rates summed by le (a percentile of percentiles, e.g. their max, is not one); no value
+    while none of them finished a task."""
+    return (
+        f"histogram_quantile({q}, sum by (le) ({DURATION_BUCKETS}{{{TT}}}))"
+        f' and on () (sum({DURATION_BUCKETS}{{{TT}, le="+Inf"}}) > 0)'
+    )
+
+
 def duration_percentiles() -> timeseries.Panel:
     return c.timeseries_panel(
         "Task duration percentiles",
-        "p50, p95 and p99 of start-to-finish time over the selected task types' worst (5m).",
+        "p50, p95 and p99 of start-to-finish time over all tasks of the selected task types "
+        "(5m).",
         c.SECONDS,
         [
-            c.query(f"max(task_type:aicrm_task_duration_seconds:p50_rate5m{{{TT}}})", "p50"),
-            c.query(f"max(task_type:aicrm_task_duration_seconds:p95_rate5m{{{TT}}})", "p95",
-                    "B"),
-            c.query(f"max(task_type:aicrm_task_duration_seconds:p99_rate5m{{{TT}}})", "p99",
-                    "C"),
+            c.query(_duration_quantile(0.5), "p50"),
+            c.query(_duration_quantile(0.95), "p95", "B"),
+            c.query(_duration_quantile(0.99), "p99", "C"),
         ],
     )
 
