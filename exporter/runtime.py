@@ -135,7 +135,7 @@ class Exporter:
     def _replay_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """The answer of a batch already journaled (recovered after a crash), counting
         nothing again."""
-        result, _ = validate_batch(body, None, max_line_bytes=self.cfg.exporter.max_line_bytes)
+        result, _ = validate_batch(body, max_line_bytes=self.cfg.exporter.max_line_bytes)
         return _answer(result)
 
     def health(self) -> tuple[bool, dict[str, Any]]:

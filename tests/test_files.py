@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,17 +63,19 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, pattern: str, clock: Clock, max_line_bytes: int = MAX_LINE):
+    def __init__(self, pattern: str, clock: Clock, max_line_bytes: int = MAX_LINE,
+                 source: str = SOURCE):
         self.pattern = pattern
         self.clock = clock
         self.max_line_bytes = max_line_bytes
+        self.source = source
         self.store = MetricStore(parse_config(CONFIG))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.store)
         self.tailer = self.new_tailer()
 
     def new_tailer(self) -> FileTailer:
-        return FileTailer([Watch(SOURCE, self.pattern)], self.store,
+        return FileTailer([Watch(self.source, self.pattern)], self.store,
                           max_line_bytes=self.max_line_bytes, clock=self.clock)
 
     def poll(self) -> int:
@@ -87,13 +90,13 @@ class Harness:
                           outcome=outcome)
 
     def accepted(self) -> float:
-        return self.value(c.SOURCE_EVENTS.name, source=SOURCE)
+        return self.value(c.SOURCE_EVENTS.name, source=self.source)
 
     def rejected(self, reason: str) -> float:
-        return self.value(c.SOURCE_REJECTED.name, source=SOURCE, reason=reason)
+        return self.value(c.SOURCE_REJECTED.name, source=self.source, reason=reason)
 
     def up(self) -> float | None:
-        return self.registry.get_sample_value(c.SOURCE_UP.name, {"source": SOURCE})
+        return self.registry.get_sample_value(c.SOURCE_UP.name, {"source": self.source})
 
     def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return {
@@ -237,6 +240,36 @@ def test_rotation_within_the_glob_does_not_reread(logs: Path, clock: Clock) -> N
         h.tailer.close()
 
 
+def test_rotation_between_finding_and_opening_a_file_reads_each_file_once(
+    logs: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """logrotate renames the file and creates a new one after the tailer found the name and
+    before it opened it: the handle it gets is the new file's, so that is the file tracked."""
+    h = Harness(str(logs / "*.jsonl*"), clock)
+    log = logs / "app.jsonl"
+    append(log, lines(3))
+    real_open = open
+
+    def rotating_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path == str(log) and not (logs / "app.jsonl.1").exists():
+            os.rename(log, logs / "app.jsonl.1")
+            append(log, lines(5, agent="writer"))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", rotating_open, raising=False)
+    try:
+        for _ in range(3):
+            h.poll()
+        assert (h.results(), h.results("writer"), h.accepted()) == (3, 5, 8)
+        tracked = sorted((os.path.basename(t.path), t.key) for t in h.tailer.files.values())
+        assert [name for name, _ in tracked] == ["app.jsonl", "app.jsonl.1"]
+        for name, key in tracked:
+            st = os.stat(logs / name)
+            assert key == f"{st.st_dev}:{st.st_ino}"
+    finally:
+        h.tailer.close()
+
+
 def test_copytruncate_reads_the_new_content_once(h: Harness, logs: Path) -> None:
     log = logs / "app.jsonl"
     append(log, lines(3))
@@ -265,8 +298,10 @@ def test_copytruncate_then_more_bytes_than_before_is_still_noticed(
 # --- restarts ------------------------------------------------------------------------------
 
 
-def _restart(h: Harness, state_dir: Path, edit: Any = None) -> Harness:
-    """Checkpoint, stop, and resume from the saved state in a new store and tailer."""
+def _restart(h: Harness, state_dir: Path, edit: Any = None, source: str | None = None
+             ) -> Harness:
+    """Checkpoint, stop, and resume from the saved state in a new store and tailer (whose
+    watch may be named ``source`` now)."""
     state = StateFile(state_dir)
     state.write(h.checkpoint())
     h.tailer.close()
@@ -274,7 +309,7 @@ def _restart(h: Harness, state_dir: Path, edit: Any = None) -> Harness:
     assert saved is not None
     if edit is not None:
         edit(saved["positions"])
-    h2 = Harness(h.pattern, h.clock, h.max_line_bytes)
+    h2 = Harness(h.pattern, h.clock, h.max_line_bytes, source or h.source)
     h2.store.load(saved)
     h2.tailer.restore(saved["positions"])
     return h2
@@ -360,6 +395,27 @@ def test_reused_inode_is_read_from_the_start(h: Harness, logs: Path, tmp_path: P
         append(log, lines(1))
         h2.poll()
         assert h2.results() == 3 + 4
+    finally:
+        h2.tailer.close()
+
+
+def test_renaming_a_source_keeps_the_read_positions_of_its_files(
+    h: Harness, logs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The event metrics are not per source: a file that a renamed source finds again is
+    read on from its position, not counted a second time from its start."""
+    log = logs / "app.jsonl"
+    append(log, lines(3))
+    h.poll()
+    h2 = _restart(h, tmp_path / "state", source="agent_logs")
+    try:
+        caplog.set_level(logging.INFO, logger=files.__name__)
+        append(log, lines(1))
+        h2.poll()
+        assert (h2.results(), h2.accepted()) == (4, 1)
+        assert [p["source"] for p in h2.tailer.positions()] == ["agent_logs"]
+        assert any("agent-logs" in r.getMessage() and "agent_logs" in r.getMessage()
+                   for r in caplog.records)
     finally:
         h2.tailer.close()
 
@@ -524,6 +580,69 @@ def test_source_up_follows_the_directory(h: Harness, logs: Path, tmp_path: Path,
     finally:
         missing.tailer.close()
         under_file.tailer.close()
+
+
+class LockCheckedDict(dict[str, Any]):
+    """Records each change and whether the thread making it held ``lock`` (another thread
+    tries to take it), since a scrape snapshots positions under that lock."""
+
+    def __init__(self, lock: Any, *args: Any) -> None:
+        super().__init__(*args)
+        self.lock = lock
+        self.changes: list[tuple[str, bool]] = []
+
+    def _note(self, what: str) -> None:
+        taken: list[bool] = []
+
+        def probe() -> None:
+            got = self.lock.acquire(blocking=False)
+            if got:
+                self.lock.release()
+            taken.append(got)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        self.changes.append((what, not taken[0]))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._note("set")
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._note("del")
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._note("pop")
+        return super().pop(key, *default)
+
+
+def test_tracked_files_change_only_under_the_store_lock(
+    h: Harness, logs: Path, tmp_path: Path, clock: Clock
+) -> None:
+    """A scrape iterates the tracked files under the store's lock: the tailer must not add or
+    drop one without it (the iteration would fail), nor hand a saved position over to its
+    file in two steps a snapshot could fall between (the position would be lost)."""
+    append(logs / "app.jsonl", lines(2))
+    h.poll()
+    h2 = _restart(h, tmp_path / "state")
+    try:
+        t = h2.tailer
+        t.files = LockCheckedDict(h2.store.lock, t.files)  # type: ignore[assignment]
+        t._saved = LockCheckedDict(h2.store.lock, t._saved)  # type: ignore[assignment]
+        append(logs / "new.jsonl", lines(1))
+        h2.poll()  # app.jsonl resumes from its saved position, new.jsonl is new
+        os.unlink(logs / "app.jsonl")
+        h2.poll()
+        clock.now += files.ROTATED_GRACE_SECONDS + 1
+        h2.poll()  # app.jsonl is let go
+        changes = t.files.changes + t._saved.changes  # type: ignore[attr-defined]
+        assert {what for what, _ in changes} == {"set", "del", "pop"}
+        assert [what for what, locked in changes if not locked] == []
+        assert h2.results() == 3
+    finally:
+        h2.tailer.close()
 
 
 class FailingReads:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import logging
 import os
 import socket
 import sys
@@ -18,8 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from exporter import catalog as c
 from exporter.config import ConfigError, parse_config
+from exporter.metrics import MetricStore
 from exporter.runtime import Exporter
-from exporter.sources.push import BATCH_MARKER
+from exporter.sources import files, push
+from exporter.sources.files import FileTailer
+from exporter.sources.push import BATCH_MARKER, Journal, ingest_batch
 from tests.servers import ProcessHandle, free_port, http_ok
 
 TOKEN = "s3cret-push-token"
@@ -380,6 +385,190 @@ def test_restart_neither_loses_nor_double_counts(
     exp3 = start(state_dir)
     time.sleep(0.2)
     assert (exp3.results(), exp3.results("writer"), exp3.pushed()) == (80, 10, 90)
+
+
+# --- journal write failures ----------------------------------------------------------------
+
+
+class JournalRig:
+    """A journal, the file source following it and a store, in this thread: each step of a
+    failing write can be watched from the tailer's side."""
+
+    def __init__(self, state_dir: Path):
+        self.store = MetricStore(parse_config(config(state_dir)))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.store)
+        self.journal = Journal(state_dir, segment_bytes=SEGMENT)
+        self.now = 1_700_000_000.0
+        self.tailer = FileTailer([self.journal.watch], self.store, clock=lambda: self.now)
+
+    def ingest(self, body: bytes, marker: bytes = b"") -> push.BatchResult:
+        return ingest_batch(body, self.journal, self.store, max_line_bytes=1024,
+                            marker=marker)
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+    def counts(self) -> tuple[float, float]:
+        """(task results, rejected invalid_json lines) after a pass of the tailer."""
+        self.tailer.poll()
+        return (self.value(c.AGENT_TASK_RESULTS.name, agent="qualifier",
+                           task_type="qualify_lead", outcome="success"),
+                self.value(c.SOURCE_REJECTED.name, source="push", reason="invalid_json"))
+
+    def segments(self) -> list[Path]:
+        return sorted(self.journal.dir.glob("journal-*.jsonl"))
+
+    def close(self) -> None:
+        self.tailer.close()
+        self.journal.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[JournalRig]:
+    r = JournalRig(tmp_path / "state")
+    yield r
+    r.close()
+
+
+def test_a_journal_write_cut_short_counts_nothing_and_its_retry_counts_once(
+    rig: JournalRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up half-way through a batch: the client gets a 503 ("nothing was
+    accepted"), so neither the lines that reached the file nor the batch's rejects count,
+    and the retry's first line is not glued onto a partial one."""
+    rig.ingest(batch(2))
+    real_write_all = push.write_all
+
+    def disk_full(fd: int, data: bytes) -> None:
+        real_write_all(fd, data[: len(data) // 2 + 5])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    body = batch(4) + b"not json\n"
+    monkeypatch.setattr(push, "write_all", disk_full)
+    with pytest.raises(OSError):
+        rig.ingest(body)
+    assert rig.counts() == (2, 0)
+    (segment,) = rig.segments()
+    assert len(segment.read_bytes().splitlines()) == 2  # cut back to its committed end
+    monkeypatch.setattr(push, "write_all", real_write_all)
+    assert rig.ingest(body).as_dict()["accepted"] == 4
+    assert rig.counts() == (6, 1)
+    assert len(segment.read_bytes().splitlines()) == 6
+
+
+def test_the_file_source_never_reads_a_batch_before_its_fsync(
+    rig: JournalRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tailer passes while the batch is written but not yet fsync'ed, and the fsync then
+    fails: the batch was never committed, so nothing of it may have been counted."""
+    rig.ingest(batch(1))
+    real_fsync = os.fsync
+    seen: list[tuple[float, float]] = []
+
+    def failing_fsync(fd: int) -> None:
+        seen.append(rig.counts())
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(push.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        rig.ingest(batch(3) + b"{oops\n")
+    monkeypatch.setattr(push.os, "fsync", real_fsync)
+    assert seen == [(1, 0)]
+    assert rig.counts() == (1, 0)
+    rig.ingest(batch(3) + b"{oops\n")
+    assert rig.counts() == (4, 1)
+
+    def polling_fsync(fd: int) -> None:
+        seen.append(rig.counts())
+        real_fsync(fd)
+
+    seen.clear()
+    monkeypatch.setattr(push.os, "fsync", polling_fsync)
+    rig.ingest(batch(2))
+    assert seen == [(4, 1)] and rig.counts() == (6, 1)
+
+
+def _io_error(*args: Any) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def _give_up_first_segment(rig: JournalRig, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A batch whose fsync fails and whose bytes cannot be cut back off the segment either."""
+    rig.ingest(batch(2))
+    real_fsync, real_ftruncate = os.fsync, os.ftruncate
+    monkeypatch.setattr(push.os, "fsync", _io_error)
+    monkeypatch.setattr(push.os, "ftruncate", _io_error)
+    monkeypatch.setattr(push.os, "truncate", _io_error)
+    with pytest.raises(OSError):
+        rig.ingest(batch(4), marker=b'{"aicrm_push_batch":{"key":"k"}}')
+    monkeypatch.setattr(push.os, "fsync", real_fsync)
+    monkeypatch.setattr(push.os, "ftruncate", real_ftruncate)
+    (first,) = rig.segments()
+    assert len(first.read_bytes().splitlines()) == 2 + 4 + 1  # the uncommitted tail is there
+    return first
+
+
+def test_a_segment_that_cannot_be_cut_back_is_read_only_to_its_committed_end(
+    rig: JournalRig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fsync fails and so does the truncation: that segment is given up (an error names
+    it), the next batch goes to a new segment, and the old one is cut back once it can be."""
+    first = _give_up_first_segment(rig, monkeypatch)
+    assert any(r.levelno == logging.ERROR and first.name in r.getMessage()
+               for r in caplog.records)
+    assert rig.counts() == (2, 0)
+    rig.ingest(batch(3))  # the truncation still fails
+    assert [p.name for p in rig.segments()] == [first.name, "journal-000000000002.jsonl"]
+    assert len(first.read_bytes().splitlines()) == 7
+    assert rig.counts() == (5, 0)
+    monkeypatch.undo()  # truncation works again
+    rig.ingest(batch(1))
+    assert len(first.read_bytes().splitlines()) == 2  # cut back at the next append
+    assert rig.counts() == (6, 0)
+
+
+def test_a_given_up_segment_is_released_at_its_committed_end(
+    rig: JournalRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read to its committed end, the given-up segment is deleted like any other, and its
+    uncommitted tail is not taken for an unfinished last line when the tailer lets it go."""
+    first = _give_up_first_segment(rig, monkeypatch)
+    rig.ingest(batch(3))
+    assert rig.counts() == (5, 0)
+    with rig.store.lock:
+        positions = rig.tailer.positions()
+    rig.journal.release(positions)
+    assert [p.name for p in rig.segments()] == ["journal-000000000002.jsonl"]
+    assert not first.exists()
+    rig.tailer.poll()
+    rig.now += files.ROTATED_GRACE_SECONDS + 1
+    assert rig.counts() == (5, 0)
+    assert [os.path.basename(t.path) for t in rig.tailer.files.values()] == [
+        "journal-000000000002.jsonl"]
+    monkeypatch.undo()  # truncation works again
+    rig.ingest(batch(1))
+    assert rig.counts() == (6, 0)
+
+
+def test_a_503_counts_no_rejects_and_its_retry_counts_them_once(
+    exp: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = batch(2) + b"not json\n"
+    real_write_all = push.write_all
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(push, "write_all", disk_full)
+    r = exp.push(body)
+    assert r.status_code == 503
+    assert exp.rejected("invalid_json") == 0
+    monkeypatch.setattr(push, "write_all", real_write_all)
+    assert exp.push(body).status_code == 200
+    exp.wait_for(lambda: exp.results() == 2)
+    assert exp.rejected("invalid_json") == 1 and exp.pushed() == 2
 
 
 # --- other endpoints -----------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """JSONL event files: follow globs like ``tail -F``, exactly once across restarts.
 
 Each file is tracked by identity (device, inode and a fingerprint of its first bytes, so a
-reused inode is not mistaken for the old file), not by name. That is what makes rotation
-(rename + new file) safe: a renamed file is drained to its end before it is let go, and the
-new file at the old name starts at offset 0. A file that shrinks was truncated and is read
-again from the start. Only complete lines are consumed; a half-written last line waits for its
-newline. Positions are read and changed only under the store's lock, so a state snapshot
-always pairs counters with the positions they came from.
+reused inode is not mistaken for the old file), not by name, and whatever source finds it (a
+source renamed in the config reads on from where the old name left off). That is what makes
+rotation (rename + new file) safe: a renamed file is drained to its end before it is let go,
+and the new file at the old name starts at offset 0. A file's identity is taken from the
+handle that was opened, not from the name it was found under, which a rotation may have given
+to another file in between. A file that shrinks was truncated and is read again from the
+start. Only complete lines are consumed; a half-written last line waits for its newline.
+Positions, and which files are tracked, are read and changed only under the store's lock, so
+a state snapshot always pairs counters with the positions they came from.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import glob
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +51,10 @@ class Sink(Protocol):
     def add_source(self, source: str) -> None: ...
 
 
+Readable = Callable[[str], int | None]
+"""How far the file at a path may be read; None: to its end."""
+
+
 @dataclass(frozen=True, slots=True)
 class Watch:
     """One named source: a glob of JSONL files."""
@@ -56,6 +64,9 @@ class Watch:
     marker: bytes = b""
     """Lines that start with this and are not events are the writer's own bookkeeping (the
     push journal's batch markers): skipped without counting them as rejected."""
+    readable: Readable | None = None
+    """How far a file may be read: the push journal's committed size, so bytes of a write
+    that has not been fsync'ed yet (and may fail) are never counted."""
 
 
 @dataclass(slots=True)
@@ -90,6 +101,16 @@ class Tracked:
 def _fingerprint(fh: BinaryIO, length: int) -> str:
     fh.seek(0)
     return hashlib.blake2b(fh.read(length), digest_size=12).hexdigest()
+
+
+def _size(t: Tracked, fh: BinaryIO, readable: Readable | None) -> int:
+    """The file's size, or less if its writer has committed less (raises OSError)."""
+    size = os.fstat(fh.fileno()).st_size
+    if readable is not None:
+        end = readable(t.path)
+        if end is not None and end < size:
+            return end
+    return size
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -180,9 +201,9 @@ class FileTailer:
             for t in [t for t in self.files.values() if t.source == w.source]:
                 if t.key not in seen and t.gone_since is None:
                     t.gone_since = self.clock()
-                total += self._read(t)
+                total += self._read(t, w.readable)
                 if t.gone_since is not None and self.clock() - t.gone_since > ROTATED_GRACE_SECONDS:
-                    self._forget(t)
+                    self._forget(t, w.readable)
         return total
 
     def _discover(self, w: Watch) -> set[str]:
@@ -203,59 +224,86 @@ class FileTailer:
                 log.error("source %s: cannot stat %s: %s", w.source, path, exc)
                 up = False
                 continue
-            if not os.path.isfile(path):
+            if not stat.S_ISREG(st.st_mode):
                 continue
-            key = f"{st.st_dev}:{st.st_ino}"
-            seen.add(key)
-            t = self.files.get(key)
-            if t is not None:
-                t.path = path
-                t.gone_since = None
-                continue
-            try:
-                self._open(w.source, path, st)
-            except OSError as exc:
-                log.error("source %s: cannot open %s: %s", w.source, path, exc)
-                up = False
+            t = self.files.get(f"{st.st_dev}:{st.st_ino}")
+            if t is None:
+                try:
+                    t = self._open(w.source, path)
+                except FileNotFoundError:
+                    continue  # rotated away since the stat: found under its new name
+                except OSError as exc:
+                    log.error("source %s: cannot open %s: %s", w.source, path, exc)
+                    up = False
+                    continue
+                if t is None:
+                    continue
+            seen.add(t.key)
+            t.path = path
+            t.gone_since = None
         self.sink.source_status(w.source, up)
         return seen
 
-    def _open(self, source: str, path: str, st: os.stat_result) -> None:
-        fh = open(path, "rb")  # noqa: SIM115 - kept open to follow the file across renames
-        t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
-        saved = self._saved.get(t.key)
-        if saved is not None and saved.get("source") == source:
-            fp_len = int(saved.get("fp_len", 0))
-            try:
-                fp = _fingerprint(fh, fp_len) if fp_len else ""
-            except OSError:
+    def _open(self, source: str, path: str) -> Tracked | None:
+        """Track the file opened at ``path`` (or the one already tracked if a rotation since
+        the stat put that one there); None if it is no regular file now."""
+        # Kept open to follow the file across renames. Unbuffered: a buffer could hold bytes
+        # read past the readable end that a writer has since cut back and rewritten.
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115
+        try:
+            st = os.fstat(fh.fileno())
+            known = self.files.get(f"{st.st_dev}:{st.st_ino}")
+            if known is not None or not stat.S_ISREG(st.st_mode):
                 fh.close()
-                raise
-            if fp_len and fp != saved.get("fingerprint"):
-                log.info("%s: inode reused by a new file; reading it from the start", path)
-            else:
-                t.offset = int(saved["offset"])
-                t.line = int(saved.get("line", 0))
-                t.fingerprint, t.fp_len = saved.get("fingerprint", ""), fp_len
-                t.skipping = bool(saved.get("skipping", False))
-        self._saved.pop(t.key, None)
-        self.files[t.key] = t
+                return known
+            t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
+            # The saved position is handed over to the tracked file in one step under the
+            # lock: a snapshot has it in one place or the other.
+            with self.sink.lock:
+                saved = self._saved.get(t.key)
+                if saved is not None:
+                    self._resume(t, saved)
+                self._saved.pop(t.key, None)
+                self.files[t.key] = t
+        except BaseException:
+            fh.close()
+            raise
+        return t
 
-    def _forget(self, t: Tracked) -> None:
+    @staticmethod
+    def _resume(t: Tracked, saved: dict[str, Any]) -> None:
+        """Read on from a saved position, unless the inode now holds another file."""
+        assert t.fh is not None
+        fp_len = int(saved.get("fp_len", 0))
+        fp = _fingerprint(t.fh, fp_len) if fp_len else ""
+        if fp_len and fp != saved.get("fingerprint"):
+            log.info("%s: inode reused by a new file; reading it from the start", t.path)
+            return
+        if saved.get("source") != t.source:
+            log.info("%s: now read as source %s (was %s); reading on from its saved position",
+                     t.path, t.source, saved.get("source"))
+        t.offset = int(saved["offset"])
+        t.line = int(saved.get("line", 0))
+        t.fingerprint, t.fp_len = saved.get("fingerprint", ""), fp_len
+        t.skipping = bool(saved.get("skipping", False))
+
+    def _forget(self, t: Tracked, readable: Readable | None = None) -> None:
         """Let go of a file that left the glob; an unfinished last line will never be."""
+        pending = 0
         if t.fh is not None:
             try:
-                pending = os.fstat(t.fh.fileno()).st_size - t.offset
+                pending = _size(t, t.fh, readable) - t.offset
             except OSError:
                 pending = 0
+        with self.sink.lock:
             if pending > 0 and not t.skipping:
-                with self.sink.lock:
-                    self._reject(t, t.line + 1, Rejected(
-                        "invalid_json", f"unfinished last line ({pending} bytes) in a file "
-                        "that was rotated away or deleted"))
-                    t.offset += pending
+                self._reject(t, t.line + 1, Rejected(
+                    "invalid_json", f"unfinished last line ({pending} bytes) in a file "
+                    "that was rotated away or deleted"))
+                t.offset += pending
+            del self.files[t.key]
+        if t.fh is not None:
             t.fh.close()
-        del self.files[t.key]
 
     def close(self) -> None:
         for t in self.files.values():
@@ -263,11 +311,11 @@ class FileTailer:
                 t.fh.close()
                 t.fh = None
 
-    def _read(self, t: Tracked) -> int:
+    def _read(self, t: Tracked, readable: Readable | None = None) -> int:
         fh = t.fh
         assert fh is not None
         try:
-            size = os.fstat(fh.fileno()).st_size
+            size = _size(t, fh, readable)
         except OSError as exc:
             log.error("%s: %s", t.path, exc)
             return 0

@@ -6,6 +6,11 @@ that the file source follows like any other JSONL log (as source ``push``), whic
 events the same exactly-once path as files. Segments are deleted once fully read and that
 position is saved in a state snapshot.
 
+A batch is in the journal once its fsync returned, and not before: the file source reads a
+segment only up to its committed (fsync'ed) size, and a failed write or fsync (a full disk) is
+cut back off the segment, so the 503 that follows ("nothing was accepted") is true and the
+retry counts once. The batch's rejected lines are counted only after the fsync, too.
+
 A batch sent with an ``Idempotency-Key`` header is applied once: its answer is kept (with a
 digest of the body) for a day in ``<state_dir>/push/idempotency.jsonl``, and a retry with the
 same key gets the same answer again without its lines being journaled a second time, also
@@ -59,9 +64,12 @@ class BatchResult:
     accepted: int = 0
     rejected: list[dict[str, object]] = field(default_factory=list)
     rejected_total: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Rejected lines by reason, counted in the store only once the batch is journaled."""
 
     def reject(self, line: int, reason: str, detail: str) -> None:
         self.rejected_total += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if len(self.rejected) < MAX_REPORTED_REJECTS:
             self.rejected.append({"line": line, "reason": reason, "error": detail})
 
@@ -73,7 +81,11 @@ class BatchResult:
 
 
 class Journal:
-    """Append-only segment files under ``<state_dir>/push``."""
+    """Append-only segment files under ``<state_dir>/push``.
+
+    ``readable_size(path)`` is how much of a segment is committed: the current segment's size
+    as of its last successful fsync, and that of a segment given up because a failed write
+    could not be cut back off it. The file source reads no further (``watch``)."""
 
     def __init__(self, state_dir: str | os.PathLike[str], segment_bytes: int = 64 << 20):
         self.dir = Path(state_dir) / "push"
@@ -81,12 +93,28 @@ class Journal:
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._path = ""
         self._size = 0
+        """Committed size of the current segment."""
         self._seq = max(self._sequences(), default=0)
+        self._readable: dict[str, int] = {}
+        """Committed sizes by path: the current segment's, and the given-up ones'."""
+        self._given_up: set[str] = set()
+        """Segments with an uncommitted tail still on disk, cut back at the next append if the
+        filesystem lets us by then. Only this process knows their limit: a restart before that
+        would read the tail. (Their limits are kept while this process runs, also once they
+        are released: a handful of entries, and only after a failed truncation.)"""
 
     @property
     def watch(self) -> Watch:
-        return Watch(SOURCE, str(self.dir / "journal-*.jsonl"), BATCH_MARKER)
+        return Watch(SOURCE, str(self.dir / "journal-*.jsonl"), BATCH_MARKER,
+                     self.readable_size)
+
+    def readable_size(self, path: str) -> int | None:
+        """How far the file source may read ``path``; None: to its end (a segment that was
+        closed whole). Called by the file source on every pass, so without the lock: one
+        dict lookup is atomic, and a value from before an append is only smaller."""
+        return self._readable.get(path)
 
     def _sequences(self) -> list[int]:
         return [int(m.group(1)) for p in self.dir.iterdir() if (m := _SEGMENT_RE.match(p.name))]
@@ -95,25 +123,75 @@ class Journal:
         return self.dir / f"journal-{seq:012d}.jsonl"
 
     def append(self, lines: list[bytes]) -> None:
-        """Write whole lines and fsync before returning; raises OSError on failure."""
+        """Write whole lines and fsync before returning; raises OSError on failure, and then
+        none of the lines is in the journal."""
         if not lines:
             return
         data = b"\n".join(lines) + b"\n"
         with self._lock:
+            if self._given_up:
+                self._cut_given_up()
             if self._fd is None or self._size >= self.segment_bytes:
                 self._roll()
             assert self._fd is not None
-            write_all(self._fd, data)
-            os.fsync(self._fd)
+            try:
+                write_all(self._fd, data)
+                os.fsync(self._fd)
+            except OSError:
+                self._cut_back()
+                raise
             self._size += len(data)
+            self._readable[self._path] = self._size
+
+    def _cut_back(self) -> None:
+        """Truncate the current segment to its committed size after a failed write or fsync;
+        if that fails too, give the segment up at that size and go on in a new one."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+            return
+        except OSError as exc:
+            log.error("push journal: cannot cut %s back to its committed %d bytes after a "
+                      "failed write (%s); it is read no further and the next batch starts a "
+                      "new segment", self._path, self._size, exc)
+        self._given_up.add(self._path)
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = None
+
+    def _cut_given_up(self) -> None:
+        for path in list(self._given_up):
+            try:
+                os.truncate(path, self._readable[path])
+            except FileNotFoundError:
+                # Released: its limit stays, for the file source still holding it open.
+                self._given_up.discard(path)
+                continue
+            except OSError:
+                continue
+            log.info("push journal: %s cut back to its committed end", path)
+            self._given_up.discard(path)
+            self._readable.pop(path, None)
 
     def _roll(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
+            self._readable.pop(self._path, None)  # closed whole: readable to its end
         self._seq += 1
-        path = self._segment(self._seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = os.fstat(self._fd).st_size
+        path = str(self._segment(self._seq))
+        # Known before the file exists: the file source must not read a first write that
+        # has not been fsync'ed yet.
+        self._readable[path] = 0
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            del self._readable[path]
+            raise
+        self._path = path
+        self._size = self._readable[path] = os.fstat(self._fd).st_size
         dfd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(dfd)  # the new file's name is durable too
@@ -122,10 +200,11 @@ class Journal:
 
     def current_segment(self) -> str | None:
         with self._lock:
-            return str(self._segment(self._seq)) if self._fd is not None else None
+            return self._path if self._fd is not None else None
 
     def release(self, positions: list[dict[str, object]]) -> None:
-        """Delete older segments whose end is recorded as read in a saved snapshot."""
+        """Delete older segments whose (committed) end is recorded as read in a saved
+        snapshot."""
         current = self.current_segment()
         for p in positions:
             path = str(p.get("path", ""))
@@ -134,7 +213,8 @@ class Journal:
             ):
                 continue
             try:
-                if os.path.getsize(path) == p.get("offset"):
+                end = self._readable.get(path)
+                if (os.path.getsize(path) if end is None else end) == p.get("offset"):
                     seq = int(_SEGMENT_RE.match(os.path.basename(path)).group(1))  # type: ignore[union-attr]
                     if seq < self._seq:
                         os.unlink(path)
@@ -158,16 +238,19 @@ def check_token(header: str | None, token: str) -> bool:
 def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,
                  max_line_bytes: int, marker: bytes = b"") -> BatchResult:
     """Validate an NDJSON body line by line; journal the good lines (and ``marker``, the
-    batch's idempotency marker line, after them in the same fsync), report the bad ones."""
-    result, good = validate_batch(body, sink, max_line_bytes=max_line_bytes)
+    batch's idempotency marker line, after them in the same fsync), report the bad ones.
+    The bad ones are counted in ``sink`` only once the journal has the batch: a failed
+    append is answered 503, and its retry would count them again."""
+    result, good = validate_batch(body, max_line_bytes=max_line_bytes)
     journal.append(good + [marker] if marker else good)
+    for reason, n in result.reasons.items():
+        sink.reject(SOURCE, reason, n)
     return result
 
 
-def validate_batch(body: bytes, sink: RejectSink | None, *,
-                   max_line_bytes: int) -> tuple[BatchResult, list[bytes]]:
-    """The answer for an NDJSON body and its good lines; rejects are counted in ``sink``
-    (``None`` works an answer out again without counting anything)."""
+def validate_batch(body: bytes, *, max_line_bytes: int) -> tuple[BatchResult, list[bytes]]:
+    """The answer for an NDJSON body and its good lines; counts nothing (a recovered batch's
+    retry works its answer out again with it)."""
     result = BatchResult()
     good: list[bytes] = []
     lines = body.split(b"\n")
@@ -182,8 +265,6 @@ def validate_batch(body: bytes, sink: RejectSink | None, *,
         else:
             rej = decode_line(line)
         if isinstance(rej, Rejected):
-            if sink is not None:
-                sink.reject(SOURCE, rej.reason)
             result.reject(i, rej.reason, rej.detail)
         else:
             good.append(line)
