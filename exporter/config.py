@@ -6,12 +6,13 @@ A bad file stops start-up with a ``ConfigError`` that names every bad key
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .catalog import OTHER_VALUE as OTHER
 
@@ -131,24 +134,33 @@ class Thresholds(_Model):
     anomaly_zscore_max: PositiveFloat = 3.0
 
 
-def _default_efficiency() -> dict[str, float]:
+# The components recording_rules/scores.rules.yml computes; a weight for any other name would
+# weigh nothing, and a score with no weight at all has no value.
+EfficiencyComponent = Literal["completion", "success", "speed", "retries"]
+HealthComponent = Literal["sources", "integrations", "agents", "backlog"]
+
+
+def _default_efficiency() -> dict[EfficiencyComponent, float]:
     return {"completion": 0.4, "success": 0.3, "speed": 0.2, "retries": 0.1}
 
 
-def _default_health() -> dict[str, float]:
+def _default_health() -> dict[HealthComponent, float]:
     return {"sources": 0.3, "integrations": 0.3, "agents": 0.3, "backlog": 0.1}
 
 
 class Scores(_Model):
     """Weights of the 0-100 scores' components; each set must sum to 1."""
 
-    efficiency: dict[LabelValue, NonNegativeFloat] = Field(default_factory=_default_efficiency)
-    health: dict[LabelValue, NonNegativeFloat] = Field(default_factory=_default_health)
+    efficiency: dict[EfficiencyComponent, NonNegativeFloat] = Field(
+        default_factory=_default_efficiency)
+    health: dict[HealthComponent, NonNegativeFloat] = Field(default_factory=_default_health)
 
     @field_validator("efficiency", "health")
     @classmethod
     def _sums_to_one(cls, v: dict[str, float]) -> dict[str, float]:
-        if v and abs(sum(v.values()) - 1.0) > 1e-6:
+        if not v:
+            raise ValueError("at least one component weight is required")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
             raise ValueError(f"weights must sum to 1, got {sum(v.values()):g}")
         return v
 
@@ -172,6 +184,24 @@ class TaskDbColumns(_Model):
     """Optional change-tracking column; see docs/task-db.md."""
 
 
+TASK_DB_BACKENDS = ("postgresql", "sqlite", "mysql", "mariadb", "mssql")
+
+
+def check_db_url(url: str) -> str:
+    """A SQLAlchemy URL of a supported database; ValueError says why not, never quoting the
+    URL (it may hold a password)."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ValueError(
+            "not a valid SQLAlchemy URL (expected dialect[+driver]://user:password@host/database"
+            " or sqlite:///path)") from None
+    if backend not in TASK_DB_BACKENDS:
+        raise ValueError(f"the {backend!r} dialect is not supported (use "
+                         + ", ".join(TASK_DB_BACKENDS) + ")")
+    return url
+
+
 class TaskDbSource(_Model):
     url: Annotated[str, StringConstraints(min_length=1)]
     table: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,126}$")] = "tasks"
@@ -182,6 +212,11 @@ class TaskDbSource(_Model):
     """How late (in finished_at time) a commit may arrive and still be counted once."""
     url_env: str | None = None
     """If set, the URL is read from this environment variable (keeps passwords out of files)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_db_url(v)
 
 
 class PushSource(_Model):
@@ -326,11 +361,20 @@ def _unique(errors: list[tuple[str, str]], loc: str, names: Iterable[str]) -> No
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """'host:port' (or '[v6]:port') to a (host, port) pair; ValueError says why not."""
-    m = re.fullmatch(r"\[?([^\]]*)\]?:(\d{1,5})", value)
-    if not m or not 0 <= int(m.group(2)) <= 65535:
-        raise ValueError(f"expected 'host:port', got {value!r}")
-    return m.group(1) or "0.0.0.0", int(m.group(2))
+    """'host:port', '[IPv6 address]:port' or ':port' (every IPv4 interface) to (host, port);
+    ValueError says why not."""
+    m = re.fullmatch(r"(?:\[([^\[\]]+)\]|([^\[\]:/\s]*)):(\d{1,5})", value)
+    if not m or int(m.group(3)) > 65535:
+        raise ValueError(
+            f"expected 'host:port' or '[IPv6 address]:port' with a port up to 65535, got {value!r}")
+    v6, host, port = m.groups()
+    if v6 is None:
+        return host or "0.0.0.0", int(port)
+    try:
+        ipaddress.IPv6Address(v6)
+    except ValueError:
+        raise ValueError(f"{v6!r} in brackets is not an IPv6 address, got {value!r}") from None
+    return v6, int(port)
 
 
 def _loc(parts: tuple[int | str, ...]) -> str:
@@ -338,8 +382,9 @@ def _loc(parts: tuple[int | str, ...]) -> str:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif not p.startswith(("function-", "str", "Model")):
-            # pydantic adds union member names (e.g. 'str', 'Model') to the location.
+        elif p != "[key]" and not p.startswith(("function-", "str", "Model")):
+            # pydantic adds union member names (e.g. 'str', 'Model') to the location, and
+            # '[key]' after a dict key that failed (the key itself names the place).
             out += f".{p}" if out else p
     return out
 

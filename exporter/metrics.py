@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import product
 from typing import Any
 
@@ -103,6 +103,13 @@ class MetricStore(Collector):
         self._source_lag: dict[str, float] = {}
         self._source_last: dict[str, float] = {}
         self._tasks: TaskDbSnapshot | None = None
+        self._rebuilt: dict[str, dict[tuple[str, LabelValues], float]] = {}
+        """Per source reporting totals (``source_totals``): how much of each self counter it
+        has added, over every run; persisted with the counters."""
+        self._reported: dict[str, dict[tuple[str, LabelValues], float]] = {}
+        """The totals each such source last reported in this process."""
+        self._rebuilt_unknown = False
+        """Restored from a state file written before ``_rebuilt`` was persisted."""
         self._apply: dict[type, Callable[[Any], None]] = {
             TaskResult: self._task_result,
             LlmCall: self._llm_call,
@@ -146,6 +153,63 @@ class MetricStore(Collector):
         with self.lock:
             self._cinc(c.LABEL_OVERFLOW, (label,), n)
             self.version += 1
+
+    def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
+                      overflow: Mapping[str, int], newest_ts: float | None) -> None:
+        """Self counts a source recomputes from its own data on every start (the task
+        database's aggregate), given as totals since it started.
+
+        The counters restored from the state file already hold what earlier runs added, so
+        the first report of a run adds only what exceeds that (rows that arrived while the
+        exporter was down): a restart makes no jump. A count the source no longer sees (a
+        deleted row) is kept, so nothing goes down. Later reports add their increase.
+        """
+        totals: dict[tuple[str, LabelValues], float] = {
+            (c.SOURCE_EVENTS.name, (source,)): float(events)}
+        for r, n in rejected.items():
+            totals[(c.SOURCE_REJECTED.name, (source, r))] = float(n)
+        for label, n in overflow.items():
+            totals[(c.LABEL_OVERFLOW.name, (label,))] = float(n)
+        now = self.clock()
+        with self.lock:
+            last = self._reported.get(source)
+            added = self._rebuilt.get(source)
+            if added is None:
+                added = self._rebuilt[source] = {}
+                if self._rebuilt_unknown:
+                    # An older state file: its counters hold this source's whole counts of
+                    # the previous run (those labelled by source exactly; the shared
+                    # overflow counts are taken as including them), so add nothing now.
+                    for (name, key), total in totals.items():
+                        added[(name, key)] = (self._counters[name].get(key, 0.0)
+                                              if name != c.LABEL_OVERFLOW.name else total)
+            changed = False
+            for (name, key), total in totals.items():
+                inc = total - (last.get((name, key), 0.0) if last is not None
+                           else added.get((name, key), 0.0))
+                if inc > 0:
+                    d = self._counters[name]
+                    d[key] = d.get(key, 0.0) + inc
+                    added[(name, key)] = added.get((name, key), 0.0) + inc
+                    changed = True
+            delivered = events - (0 if last is None else last[(c.SOURCE_EVENTS.name, (source,))])
+            self._reported[source] = totals
+            if delivered > 0:
+                self._source_last[source] = now
+            if newest_ts is not None:
+                self._source_lag[source] = max(0.0, now - newest_ts)
+            if changed:
+                self.version += 1
+
+    def load_rebuilt(self, state: dict[str, Any]) -> None:
+        """Restore, after ``load``, what each ``source_totals`` source has already added."""
+        with self.lock:
+            rebuilt = state.get("rebuilt")
+            self._rebuilt_unknown = rebuilt is None
+            self._rebuilt = {
+                source: {(row[0], tuple(row[1:-1])): float(row[-1]) for row in rows}
+                for source, rows in (rebuilt or {}).items()
+            }
 
     def source_status(self, source: str, up: bool) -> None:
         with self.lock:
@@ -504,6 +568,10 @@ class MetricStore(Collector):
                 n: [[*k, h] for k, h in s.items() if h[-1]] for n, s in self._hists.items()
             },
             "users": list(self._users.items()),
+            "rebuilt": {
+                source: [[name, *key, v] for (name, key), v in added.items()]
+                for source, added in self._rebuilt.items()
+            },
         }
 
     def load(self, state: dict[str, Any]) -> None:

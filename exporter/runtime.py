@@ -83,6 +83,7 @@ class Exporter:
         saved = self.state.read()
         if saved is not None:
             self.store.load(saved)
+            self.store.load_rebuilt(saved)
             self.tailer.restore(saved.get("positions", []))
             log.info("resumed from %s", self.state.path)
 
@@ -94,14 +95,19 @@ class Exporter:
             self.taskdb = TaskDbReader(cfg.sources.task_db, self.store.labels, self.store)
 
         host, port = parse_listen(cfg.exporter.listen)
-        self.server = Server(host, port, Handlers(
+        handlers = Handlers(
             metrics=self.render,
             push=self._push if self.journal is not None else None,
             push_token=self.push_token,
             max_body_bytes=push.max_body_bytes,
             health=self.health,
             count_push=self.store.push_request,
-        ))
+        )
+        try:
+            self.server = Server(host, port, handlers)
+        except OSError as exc:  # address in use, unknown host name, no IPv6, ...
+            raise OSError(f"exporter.listen: cannot listen on {cfg.exporter.listen}: "
+                          f"{exc.strerror or exc}") from exc
 
     # --- HTTP-facing -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -175,9 +176,15 @@ def _gunzip(data: bytes, limit: int) -> bytes:
             return bytes(out)
 
 
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class Server:
     def __init__(self, host: str, port: int, handlers: Handlers):
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(handlers))
+        """``host`` is a name, an IPv4 address or an IPv6 literal (without brackets)."""
+        cls = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
+        self.httpd = cls((host, port), make_handler(handlers))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http",
                                        kwargs={"poll_interval": 0.2}, daemon=True)

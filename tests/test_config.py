@@ -1,4 +1,6 @@
 import json
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,21 @@ def _set(d: dict, path: str, value: object) -> dict:
          "less than or equal to 1"),
         ("thresholds.typo_ratio", 0.5, "thresholds.typo_ratio", "Extra inputs are not permitted"),
         ("exporter.listen", "nowhere", "exporter.listen", "expected 'host:port'"),
+        ("exporter.listen", "[::1:9464", "exporter.listen", "expected 'host:port'"),
+        ("exporter.listen", "a:b:9464", "exporter.listen", "'[IPv6 address]:port'"),
+        ("exporter.listen", "::1:9464", "exporter.listen", "'[IPv6 address]:port'"),
+        ("exporter.listen", "[localhost]:9464", "exporter.listen", "is not an IPv6 address"),
+        ("exporter.listen", "127.0.0.1:65536", "exporter.listen", "port up to 65535"),
         ("scores.health", {"sources": 0.5}, "scores.health", "weights must sum to 1"),
+        ("scores.efficiency", {"completion": 0.5, "sucess": 0.5}, "scores.efficiency.sucess",
+         "Input should be 'completion', 'success', 'speed' or 'retries'"),
+        ("scores.health", {"backlog": 0.5, "uptime": 0.5}, "scores.health.uptime",
+         "Input should be 'sources', 'integrations', 'agents' or 'backlog'"),
+        ("scores.health", {}, "scores.health", "at least one component weight is required"),
+        ("sources.task_db", {"url": "postgres ql://exporter:s3cret@db/crm"},
+         "sources.task_db.url", "not a valid SQLAlchemy URL"),
+        ("sources.task_db", {"url": "oracle://exporter:s3cret@db/crm"}, "sources.task_db.url",
+         "the 'oracle' dialect is not supported"),
         ("sources.event_logs", [{"name": "push", "path": "x"}], "sources.event_logs[0].name",
          "reserved for a built-in source"),
         ("sources.task_db", {"table": "tasks"}, "sources.task_db.url", "Field required"),
@@ -101,6 +117,7 @@ def test_errors_name_the_key(path: str, value: object, location: str, message: s
     assert location in locs, exc.value.errors
     assert message in locs[location]
     assert f"config.json: {location}: " in str(exc.value)
+    assert "s3cret" not in str(exc.value)
 
 
 def test_every_error_is_reported_at_once() -> None:
@@ -161,3 +178,74 @@ def test_environment_overrides_deployment_settings(tmp_path: Path,
     monkeypatch.setenv("AICRM_EXPORTER_LISTEN", "nowhere")
     with pytest.raises(ConfigError, match=r"exporter.listen: .*\(set by \$AICRM_EXPORTER_LISTEN\)"):
         load_config(p)
+
+
+def test_listen_on_ipv6_loopback(tmp_path: Path) -> None:
+    """'[::1]:port' binds an IPv6 socket (the HTTP server's default family is IPv4). Needs
+    the IPv6 loopback address, which Debian configures by default."""
+    from exporter.runtime import Exporter
+
+    cfg = parse_config(config_dict(exporter={"listen": "[::1]:0",
+                                             "state_dir": str(tmp_path / "s")}))
+    exporter = Exporter(cfg)
+    exporter.start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{exporter.port}/healthz", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        exporter.stop()
+
+
+def test_listen_failure_names_the_key(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = tmp_path / "c.json"
+        p.write_text(json.dumps(config_dict(exporter={"listen": f"127.0.0.1:{port}",
+                                                      "state_dir": str(tmp_path / "s")})))
+        assert exporter_main(["--config", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert f"exporter.listen: cannot listen on 127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize(
+    ("env", "location", "message"),
+    [
+        (None, "sources.task_db.url_env", "$AICRM_TEST_TASK_DB_URL is not set"),
+        ("postgres ql://exporter:s3cret@db/crm", "sources.task_db.url_env",
+         "not a valid SQLAlchemy URL"),
+        ("oracle://exporter:s3cret@db/crm", "sources.task_db.url_env",
+         "the 'oracle' dialect is not supported"),
+        ("postgresql+nodriver://exporter:s3cret@db/crm", "sources.task_db.url_env",
+         "postgresql+nodriver://exporter:***@db/crm"),
+    ],
+)
+def test_task_db_url_from_environment_names_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        env: str | None, location: str, message: str) -> None:
+    """The URL in $url_env is checked at start (--check-config cannot see the environment):
+    a clean error naming the key, never a traceback, never the password."""
+    if env is None:
+        monkeypatch.delenv("AICRM_TEST_TASK_DB_URL", raising=False)
+    else:
+        monkeypatch.setenv("AICRM_TEST_TASK_DB_URL", env)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(
+        sources={"task_db": {"url": "sqlite:///unused.db", "url_env": "AICRM_TEST_TASK_DB_URL"}},
+        exporter={"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "s")})))
+    assert exporter_main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{location}: " in err and message in err, err
+    assert "s3cret" not in err and "Traceback" not in err
+
+
+def test_bad_task_db_url_fails_check_config(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(
+        sources={"task_db": {"url": "postgres ql://exporter:s3cret@db/crm"}})))
+    assert exporter_main(["--config", str(p), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "sources.task_db.url: not a valid SQLAlchemy URL" in err and "s3cret" not in err

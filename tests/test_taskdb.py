@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -62,16 +62,15 @@ class FakeSink:
         assert source == SOURCE
         self.status.append(up)
 
-    def reject(self, source: str, reason: str, n: int = 1) -> None:
-        assert source == SOURCE and reason in catalog.REJECT_REASONS
-        self.rejected[reason] += n
-
-    def overflow(self, label: str, n: int = 1) -> None:
-        self.overflowed[label] += n
-
-    def accepted(self, source: str, n: int, newest_ts: float | None) -> None:
-        self.accepted_rows += n
-        self.newest = newest_ts
+    def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
+                      overflow: Mapping[str, int], newest_ts: float | None) -> None:
+        assert source == SOURCE and set(rejected) <= set(catalog.REJECT_REASONS)
+        assert events >= self.accepted_rows  # totals since the reader started
+        self.rejected = Counter({r: n for r, n in rejected.items() if n})
+        self.overflowed = Counter({label: n for label, n in overflow.items() if n})
+        self.accepted_rows = events
+        if newest_ts is not None:
+            self.newest = newest_ts
 
 
 class Db:
@@ -507,12 +506,16 @@ def test_postgres_slow_query_times_out(pg_url: str, cfg: Config, clock: Clock) -
 
 
 def test_postgres_timestamptz_columns(pg_url: str, cfg: Config, clock: Clock) -> None:
+    """timestamptz values are read as UTC whatever the session's time zone (the reader's
+    bounds are naive UTC, which PostgreSQL would otherwise read in the session's zone)."""
     d = Db(pg_url)
     try:
         with d.engine.begin() as conn:
             for col in ("created_at", "started_at", "finished_at"):
                 conn.execute(text(f"ALTER TABLE tasks ALTER COLUMN {col} TYPE timestamptz "
                                   f"USING {col} AT TIME ZONE 'UTC'"))
+            name = conn.execute(text("SELECT current_database()")).scalar_one()
+            conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'America/New_York'"))
         tz = timezone(timedelta(hours=2))
 
         def aware(seconds: float) -> datetime:
@@ -536,3 +539,128 @@ def test_postgres_timestamptz_columns(pg_url: str, cfg: Config, clock: Clock) ->
         assert sink.newest == pytest.approx(ago(20).replace(tzinfo=UTC).timestamp())
     finally:
         d.close()
+
+
+def test_exporter_restart_adds_no_self_counts_twice(db: Db, tmp_path: Path) -> None:
+    """The aggregate recounts the table at every start while the state file restores the self
+    counters: a restart must not add the table to them again, nor take back a count."""
+    from exporter.runtime import Exporter
+
+    db.insert(done("a", finished=900), done("b", finished=600),
+              done("c", task_type="ghost-type", finished=300),
+              done("d", "exploded", finished=200))
+    cfg = parse_config({**CONFIG, "sources": {"task_db": {"url": db.url}},
+                        "exporter": {"listen": "127.0.0.1:0",
+                                     "state_dir": str(tmp_path / "state")}})
+
+    def run() -> tuple[float | None, ...]:
+        """Start, poll once, scrape (which persists), stop: (events, rejected, overflow)."""
+        registry = CollectorRegistry(auto_describe=False)
+        e = Exporter(cfg, registry=registry)
+        try:
+            e.taskdb.poll_once()
+            e.render()
+        finally:
+            e.server.httpd.server_close()
+            e.taskdb.close()
+        get = registry.get_sample_value
+        return (get("aicrm_source_events_total", {"source": SOURCE}),
+                get("aicrm_source_rejected_events_total",
+                    {"source": SOURCE, "reason": "unknown_status"}),
+                get("aicrm_label_overflow_total", {"label": "task_type"}))
+
+    assert run() == (3, 1, 1)
+    assert run() == (3, 1, 1)
+    assert run() == (3, 1, 1)
+    # Finished while the exporter was down: counted once at the next start.
+    db.insert(done("e", finished=100), done("f", "broken", task_type="ghost-type", finished=90))
+    assert run() == (4, 2, 1)
+    # Deleted while down: the aggregate no longer sees them, the counters keep them.
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM tasks WHERE id IN ('a', 'c', 'd')"))
+    assert run() == (4, 2, 1)
+    assert run() == (4, 2, 1)
+
+
+def test_sqlite_timestamps_in_other_formats(tmp_path: Path, cfg: Config, clock: Clock,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite keeps any text in any column: ISO 8601 with 'Z' or an offset is read as UTC,
+    and a value that is no time rejects its row (named in the log) without stopping the
+    source; a restart counts the same."""
+    from exporter.metrics import MetricStore
+
+    caplog.set_level(logging.WARNING, logger="exporter.sources.taskdb")
+    d = Db(f"sqlite:///{tmp_path / 'tasks.db'}")
+
+    def z(seconds: float) -> str:
+        return ago(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def plus2(seconds: float) -> str:
+        return ago(seconds).replace(tzinfo=UTC).astimezone(timezone(timedelta(hours=2))) \
+            .isoformat()
+
+    def sql(seconds: float) -> str:
+        return ago(seconds).strftime("%Y-%m-%d %H:%M:%S.%f")  # SQLAlchemy's own format
+
+    def raw(id_: str, created: str, started: str | None, finished: str) -> None:
+        with d.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO tasks (id, task_type, agent, status, created_at, started_at, "
+                "finished_at) VALUES (:id, 'qualify_lead', 'lead-qualifier', 'completed', "
+                ":c, :s, :f)"), {"id": id_, "c": created, "s": started, "f": finished})
+
+    def poll(r: TaskDbReader, store: MetricStore) -> dict[str, float | None]:
+        r.poll_once()
+        get = store_registry(store).get_sample_value
+        labels = {"task_type": "qualify_lead", "agent": "lead-qualifier"}
+        return {
+            "up": get("aicrm_source_up", {"source": SOURCE}),
+            "completed": get("aicrm_tasks_total", {**labels, "status": "completed"}),
+            "duration_sum": get("aicrm_task_duration_seconds_sum", labels),
+            "events": get("aicrm_source_events_total", {"source": SOURCE}),
+            "bad": get("aicrm_source_rejected_events_total",
+                       {"source": SOURCE, "reason": "bad_timestamps"}),
+        }
+
+    try:
+        d.insert(done("a", finished=3600))  # ran 100 s
+        raw("z-old", z(3800), z(3700), z(3650))  # ran 50 s
+        raw("junk-old", "n/a", sql(3000), sql(2900))
+        store = MetricStore(cfg, clock=clock)
+        store.add_source(SOURCE)
+        with TaskDbReader(d.settings, store.labels, store, clock=clock) as r:
+            got = poll(r, store)
+            assert got == {"up": 1, "completed": 2, "duration_sum": 150, "events": 2, "bad": 1}
+            raw("z-new", plus2(90), z(60), z(30))  # ran 30 s
+            raw("junk", "garbage", "garbage", "garbage")
+            d.insert(done("b", finished=5))
+            for _ in range(3):
+                clock.now += 1
+                got = poll(r, store)
+            assert got == {"up": 1, "completed": 4, "duration_sum": 280, "events": 4, "bad": 2}
+            # Time moves on: z-new falls below the floor, yet as text it still sorts above
+            # every bound of the day ('T' > ' '), so every read returns it again.
+            clock.now += 600
+            d.insert(done("c", finished=-500))
+            poll(r, store)
+            d.insert(done("late", finished=-450))  # below the mark: the window is re-read
+            for _ in range(3):
+                clock.now += 1
+                got = poll(r, store)
+            assert got == {"up": 1, "completed": 6, "duration_sum": 480, "events": 6, "bad": 2}
+        messages = "\n".join(caplog.messages)
+        assert "row id='junk-old' has an unreadable created_at" in messages
+        assert "row id='junk' has an unreadable finished_at" in messages
+
+        again = MetricStore(cfg, clock=clock)
+        again.add_source(SOURCE)
+        with TaskDbReader(d.settings, again.labels, again, clock=clock) as r:
+            assert poll(r, again) == got
+    finally:
+        d.close()
+
+
+def store_registry(store: Any) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(store)
+    return registry

@@ -7,6 +7,9 @@ remembered, so a late commit is counted once and re-reading the window counts no
 Whether a row is valid, why it is rejected and which histogram bucket it falls in is decided by
 one SQL expression shared by both reads, so both reads agree to the row. docs/task-db.md has
 the full argument and the indexes it relies on.
+
+The reader's own counts (rows counted, rejected by reason, label overflows) are totals too,
+handed to the sink whole: the sink adds only what a previous run has not already added.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -36,13 +39,15 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    type_coerce,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import NullType
 
 from .. import catalog
-from ..config import TaskDbSource
+from ..config import ConfigError, TaskDbSource, check_db_url
 from ..events import HistogramData, TaskDbSnapshot
 from ..labels import LabelSets
 from ..tasks_schema import STATUSES, tasks_table
@@ -57,6 +62,9 @@ AGGREGATE_TIMEOUT_FACTOR = 10
 
 _OK = "ok"
 _OPEN = "open"
+_UNREADABLE = "unreadable:"
+"""Prefix of the internal reason of a row with a timestamp SQLite cannot read, followed by the
+column's key; counted as ``bad_timestamps``."""
 _DURATION_BOUNDS = catalog.TASK_DURATION.buckets
 _WAIT_BOUNDS = catalog.TASK_WAIT.buckets
 
@@ -68,11 +76,11 @@ class Sink(Protocol):
 
     def source_status(self, source: str, up: bool) -> None: ...
 
-    def reject(self, source: str, reason: str, n: int = 1) -> None: ...
-
-    def overflow(self, label: str, n: int = 1) -> None: ...
-
-    def accepted(self, source: str, n: int, newest_ts: float | None) -> None: ...
+    def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
+                      overflow: Mapping[str, int], newest_ts: float | None) -> None:
+        """Rows counted, rejected (by reason) and label overflows since this reader started,
+        the start-up aggregate included; ``newest_ts`` is the newest row counted by this poll."""
+        ...
 
 
 # --- SQL ------------------------------------------------------------------------------------
@@ -93,6 +101,20 @@ def _seconds(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
         f"sources.task_db.url: the {dialect!r} dialect is not supported "
         "(use postgresql, sqlite, mysql, mariadb or mssql)"
     )
+
+
+def _unreadable(dialect: str, col: Any) -> ColumnElement[Any] | None:
+    """True where a timestamp is set but cannot be read: only SQLite stores any value in any
+    column (SQLAlchemy writes text that julianday() reads)."""
+    if dialect != "sqlite":
+        return None
+    return and_(col.is_not(None),
+                or_(func.typeof(col) != "text", func.julianday(col).is_(None)))
+
+
+def _raw(col: Any) -> Any:
+    """``col`` as the driver returns it: parsed by ``_utc``, which does not fail the poll."""
+    return type_coerce(col, NullType())
 
 
 def _bucket(dialect: str, value: ColumnElement[Any], bounds: Sequence[float], absent: Any) -> Any:
@@ -120,12 +142,18 @@ class _Queries:
         wait = _seconds(dialect, c.created_at, started)
         life = _seconds(dialect, c.created_at, c.finished_at)
         not_started = started.is_(None)
+        unreadable = [
+            (cond, _UNREADABLE + key)
+            for key in ("created_at", "started_at", "finished_at")
+            if (cond := _unreadable(dialect, c[key])) is not None
+        ]
         reason = case(
             (status.is_(None), "missing_field"),
             (status.not_in(STATUSES), "unknown_status"),
             (status.in_(catalog.OPEN_STATUSES), _OPEN),
             (or_(c.task_type.is_(None), c.created_at.is_(None)), "missing_field"),
             (and_(status == "completed", not_started), "missing_field"),
+            *unreadable,
             (and_(~not_started, or_(wait < 0, dur < 0)), "bad_timestamps"),
             (and_(not_started, life < 0), "bad_timestamps"),
             else_=_OK,
@@ -134,16 +162,19 @@ class _Queries:
         # One row as both reads see it: (id, task_type, agent, status, finished_at,
         # reason, duration, wait, duration bucket, wait bucket).
         self.row = select(
-            c.id, c.task_type, c.agent, status, c.finished_at,
+            c.id, c.task_type, c.agent, status, _raw(c.finished_at),
             reason.label("reason"),
             case((not_started, null()), else_=dur).label("dur"),
             case((not_started, null()), else_=wait).label("wait"),
             _bucket(dialect, dur, _DURATION_BOUNDS, not_started).label("dur_b"),
             _bucket(dialect, wait, _WAIT_BOUNDS, not_started).label("wait_b"),
         ).where(c.finished_at.is_not(None))
-        self.newest = select(func.max(c.finished_at))
+        self.newest = select(_raw(func.max(c.finished_at)))
+        readable = _unreadable(dialect, c.finished_at)
+        if readable is not None:
+            self.newest = self.newest.where(~readable)  # 'garbage' sorts above every date
         self.open = (
-            select(c.task_type, status, func.count(), func.min(c.created_at))
+            select(c.task_type, status, func.count(), _raw(func.min(c.created_at)))
             .where(status.in_(catalog.OPEN_STATUSES))
             .group_by(c.task_type, status)
         )
@@ -159,6 +190,12 @@ class _Queries:
         return select(*keys, func.count(), func.sum(rows.c.dur), func.sum(rows.c.wait)).group_by(
             *keys
         )
+
+    def unreadable_ids(self, cutoff: datetime, limit: int) -> Any:
+        """Some rows the aggregate rejected for an unreadable timestamp, to name them."""
+        rows = self.row.where(self.finished <= cutoff).subquery()
+        return (select(rows.c.id, rows.c.reason)
+                .where(rows.c.reason.startswith(_UNREADABLE)).limit(limit))
 
     def rows_above(self, floor: datetime | None) -> Any:
         return self.row if floor is None else self.row.where(self.finished > floor)
@@ -198,16 +235,41 @@ class _Read:
     floor: datetime | None = None
     open: list[Any] = field(default_factory=list)
     unfinished_bad: list[Any] = field(default_factory=list)
+    unreadable: list[Any] = field(default_factory=list)
+    """(id, reason) of some aggregated rows with an unreadable timestamp."""
+
+
+def _utc(value: Any) -> datetime | None:
+    """A timestamp as the driver returns it, to naive UTC (DESIGN.md: naive values are UTC).
+
+    PostgreSQL's ``timestamptz`` and SQLite text with an offset or 'Z' are aware; comparing
+    them with naive ones would fail, so every value the reader keeps is naive UTC. Raises
+    ValueError for a value that is no timestamp (SQLite stores any text in any column).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not a timestamp: {value[:40]!r}") from None
+    if not isinstance(value, datetime):
+        raise ValueError(f"not a timestamp: {value!r:.40}")
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
 
 
 def _epoch(dt: datetime) -> float:
-    """Naive timestamps are UTC (DESIGN.md); aware ones carry their own offset."""
-    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+    return dt.replace(tzinfo=UTC).timestamp()
 
 
-def _now_like(dt: datetime, now: float) -> datetime:
-    aware = datetime.fromtimestamp(now, UTC)
-    return aware if dt.tzinfo is not None else aware.replace(tzinfo=None)
+def _utc_now(now: float) -> datetime:
+    return datetime.fromtimestamp(now, UTC).replace(tzinfo=None)
+
+
+def _public(reason: str) -> str:
+    return "bad_timestamps" if reason.startswith(_UNREADABLE) else reason
 
 
 def _message(exc: BaseException) -> str:
@@ -216,15 +278,18 @@ def _message(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {first[0] if first else ''}"
 
 
-def _resolve_url(settings: TaskDbSource) -> str:
+def _resolve_url(settings: TaskDbSource) -> tuple[str, str]:
+    """(url, the config key it came from); ConfigError if the environment lacks it."""
     if settings.url_env:
+        loc = "sources.task_db.url_env"
         url = os.environ.get(settings.url_env)
         if not url:
-            raise ValueError(
-                f"sources.task_db.url_env: environment variable {settings.url_env} is not set"
-            )
-        return url
-    return settings.url
+            raise ConfigError("environment", [(loc, f"${settings.url_env} is not set")])
+        try:
+            return check_db_url(url), loc
+        except ValueError as exc:
+            raise ConfigError("environment", [(loc, f"${settings.url_env}: {exc}")]) from None
+    return settings.url, "sources.task_db.url"
 
 
 def _engine(url: str, settings: TaskDbSource) -> Engine:
@@ -236,7 +301,9 @@ def _engine(url: str, settings: TaskDbSource) -> Engine:
     if backend == "postgresql" and driver in ("psycopg", "psycopg2"):
         args = {
             "connect_timeout": max(2, math.ceil(timeout)),
-            "options": f"-c statement_timeout={int(timeout * 1000)}",
+            # UTC: naive bounds compared with a timestamptz column are read in the session's
+            # time zone, and the reader's naive values are UTC.
+            "options": f"-c statement_timeout={int(timeout * 1000)} -c TimeZone=UTC",
             "application_name": "aicrm-exporter",
         }
     elif backend == "sqlite":
@@ -262,11 +329,16 @@ class TaskDbReader:
         self._sink = sink
         self._clock = clock
         self._lookback = timedelta(seconds=settings.lookback_seconds)
-        url = _resolve_url(settings)
+        url, loc = _resolve_url(settings)
         self._safe_url = make_url(url).render_as_string(hide_password=True)
-        self._engine = _engine(url, settings)
-        self._dialect = self._engine.dialect.name
-        self._q = _Queries(settings, self._dialect)
+        try:
+            self._engine = _engine(url, settings)
+            self._dialect = self._engine.dialect.name
+            self._q = _Queries(settings, self._dialect)
+        except (ArgumentError, ImportError, ValueError) as exc:
+            # A driver that is not installed, a URL option the driver refuses: a config error.
+            where = "environment" if settings.url_env else "config"
+            raise ConfigError(where, [(loc, f"{self._safe_url}: {_message(exc)}")]) from None
 
         self._ready = False
         """The start-up aggregate succeeded; from then on every poll is incremental."""
@@ -281,6 +353,12 @@ class TaskDbReader:
         self._ahead: set[Any] = set()
         """Seen ids whose finished_at is above the mark (clock skew, future dates)."""
         self._unfinished_bad: set[Any] = set()
+        self._unreadable: set[Any] = set()
+        """Ids whose finished_at cannot be read (rejected once; SQLite only)."""
+        self._events = 0
+        self._rejected: Counter[str] = Counter()
+        self._overflowed: Counter[str] = Counter()
+        """The reader's own counts since it started, reported whole to the sink."""
 
         types, agents = labels.task_types.with_other(), labels.agents.with_other()
         self._totals: dict[tuple[str, str, str], int] = {
@@ -353,9 +431,9 @@ class TaskDbReader:
         read = _Read(floor=self._floor)
         if not self._ready:
             read.initial = True
-            newest = conn.execute(q.newest).scalar()
+            newest = _utc(conn.execute(q.newest).scalar())
             if newest is not None:
-                read.newest = min(newest, _now_like(newest, now))
+                read.newest = min(newest, _utc_now(now))
                 read.floor = read.newest - self._lookback
                 pg = self._dialect == "postgresql"
                 ms = int(self._settings.timeout_seconds * 1000)
@@ -363,6 +441,8 @@ class TaskDbReader:
                     ms_agg = ms * AGGREGATE_TIMEOUT_FACTOR
                     conn.execute(text(f"SET LOCAL statement_timeout = {ms_agg}"))
                 read.aggregate = list(conn.execute(q.aggregate(read.floor)))
+                if any(str(r.reason).startswith(_UNREADABLE) for r in read.aggregate):
+                    read.unreadable = list(conn.execute(q.unreadable_ids(read.floor, 10)))
                 if pg:
                     conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
             read.rows = list(conn.execute(q.rows_above(read.floor)))
@@ -390,12 +470,20 @@ class TaskDbReader:
         newest: datetime | None = None
 
         if read.initial:
+            unreadable = 0
             for tt, ag, st, reason, dur_b, wait_b, n, dur_sum, wait_sum in read.aggregate or ():
                 if reason == _OK:
                     self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n, overflow)
                     counted += n
                 elif reason != _OPEN:
-                    rejects[reason] += n
+                    rejects[_public(reason)] += n
+                    unreadable += n if reason.startswith(_UNREADABLE) else 0
+            for id_, reason in read.unreadable:
+                self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
+            more = unreadable - len(read.unreadable)  # named above: at most 10
+            if more > 0:
+                log.warning("task database %s: %d more rows with an unreadable timestamp; "
+                            "rejected as bad_timestamps", self._safe_url, more)
             newest = read.newest if counted else None
             self._ready = True
             self._floor = read.floor
@@ -403,11 +491,29 @@ class TaskDbReader:
         fetched: set[Any] = set()
         added: list[Any] = []
         mark = self._mark
-        for id_, tt, ag, st, fin, reason, dur, wait, dur_b, wait_b in read.rows:
+        settled = None if read.initial else self._floor
+        for id_, tt, ag, st, raw_fin, reason, dur, wait, dur_b, wait_b in read.rows:
             fetched.add(id_)
+            if id_ in self._unreadable:
+                continue
+            try:
+                fin = _utc(raw_fin)
+            except ValueError as exc:
+                if reason != _OPEN and id_ not in self._seen:
+                    # No time to place it by: rejected once, remembered by id while read.
+                    self._unreadable.add(id_)
+                    rejects["bad_timestamps"] += 1
+                    self._log_unreadable(id_, "finished_at", exc)
+                continue
+            assert fin is not None  # the query reads finished_at IS NOT NULL
             if mark is None or fin > mark:
                 mark = fin
             if id_ in self._seen or reason == _OPEN:
+                continue
+            if settled is not None and fin <= settled:
+                # At or below the floor, yet returned: stored in another format than the
+                # bound (SQLite compares text), so it sorts above its time. It was counted
+                # while above the floor or by the start-up aggregate; never count it again.
                 continue
             self._seen[id_] = fin
             heapq.heappush(self._heap, (fin, id_))
@@ -418,12 +524,15 @@ class TaskDbReader:
                 if newest is None or fin > newest:
                     newest = fin
             else:
-                rejects[reason] += 1
+                rejects[_public(reason)] += 1
+                if reason.startswith(_UNREADABLE):
+                    self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
         if read.full_window:
             # Ids above the floor that are gone (deleted, reopened): forget them.
             for id_ in [i for i in self._seen if i not in fetched]:
                 del self._seen[id_]
                 self._ahead.discard(id_)
+            self._unreadable &= fetched
         self._advance(mark, now, added)
 
         current: dict[Any, str] = {}
@@ -435,19 +544,24 @@ class TaskDbReader:
                 rejects[reason] += 1
         self._unfinished_bad = set(current)
 
-        for reason, n in sorted(rejects.items()):
-            self._sink.reject(SOURCE, reason, n)
-        for label, n in sorted(overflow.items()):
-            self._sink.overflow(label, n)
-        if counted:
-            self._sink.accepted(SOURCE, counted, None if newest is None else _epoch(newest))
+        self._events += counted
+        self._rejected.update(rejects)
+        self._overflowed.update(overflow)
+        self._sink.source_totals(SOURCE, self._events, self._rejected, self._overflowed,
+                                 None if newest is None or not counted else _epoch(newest))
         self._sink.task_snapshot(self._snapshot(read.open, now))
+
+    def _log_unreadable(self, id_: Any, key: str, exc: BaseException | None = None) -> None:
+        column = getattr(self._settings.columns, key)
+        why = f" ({exc})" if exc is not None else ""
+        log.warning("task database %s: row %s=%r has an unreadable %s%s; rejected as "
+                    "bad_timestamps", self._safe_url, self._settings.columns.id, id_, column, why)
 
     def _advance(self, mark: datetime | None, now: float, added: Iterable[Any]) -> None:
         """Move the mark (capped at now) and the floor behind it; forget settled ids."""
         if mark is None:
             return
-        mark = min(mark, _now_like(mark, now))
+        mark = min(mark, _utc_now(now))
         if self._mark is not None and mark < self._mark:
             mark = self._mark
         self._mark = mark
@@ -491,9 +605,13 @@ class TaskDbReader:
             (t, s): 0 for t in types.with_other() for s in catalog.OPEN_STATUSES
         }
         oldest = dict.fromkeys(types.with_other(), 0.0)
-        for tt, st, n, min_created in open_rows:
+        for tt, st, n, raw_created in open_rows:
             t = types.map(tt)
             open_counts[(t, st)] += n
+            try:
+                min_created = _utc(raw_created)
+            except ValueError:
+                min_created = None  # unreadable: the age cannot be known (SQLite only)
             if min_created is not None:
                 oldest[t] = max(oldest[t], now - _epoch(min_created))
         return TaskDbSnapshot(
