@@ -25,7 +25,7 @@ from .hits import ADMISSION, Admission, CachedHits, CachedRoute
 from .observability import RequestMetrics
 from .promql import PrometheusClient
 from .ratelimit import Counters, MemoryCounters, RateLimited, RateLimiter, RedisCounters
-from .security import KeyChecker, key_id, keys_from_env, presented_key
+from .security import KeyChecker, Unauthorized, key_id, keys_from_env, presented_key
 
 PROTECTED_ENDPOINTS = frozenset({"executive.executive_dashboard", "export.export"})
 """Endpoints that always need an API key; with require_key_for_all, every data endpoint does."""
@@ -113,7 +113,18 @@ def create_app(
         if request.method == "OPTIONS" or endpoint is None or endpoint in PUBLIC_ENDPOINTS:
             return
         if cfg.api.require_key_for_all or endpoint in svc.protected:
-            g.key_id = key_id(keys.check(request.headers))
+            try:
+                g.key_id = key_id(keys.check(request.headers))
+            except Unauthorized:
+                # Counted under the address like any request without a valid key, so key
+                # guesses are limited too: over the limit the answer is a 429, not a 401.
+                state, _ = limiter.hit(f"addr:{request.remote_addr or 'unknown'}")
+                if state is not None:
+                    g.rate_limit = state
+                    if state.exceeded:
+                        raise RateLimited(f"rate limit exceeded ({state.limit})",
+                                          headers=state.headers()) from None
+                raise
             return
         key = presented_key(request.headers)
         if key is not None and keys.valid(key):

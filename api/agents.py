@@ -14,6 +14,7 @@ from .promql import Sample
 bp = Blueprint("agents", __name__)
 
 DEFAULT_WINDOW = "1h"
+PARAMETERS = frozenset({"window", "agent"})
 UNITS = {
     "success_ratio": "ratio",
     "results_total": "results",
@@ -47,6 +48,7 @@ def _agent(fields: dict[str, list[Sample]], agent: str) -> dict[str, Any]:
 @cached
 def agent_performance() -> Response:
     args = request.args
+    validation.only(args, PARAMETERS)
     window = validation.window(args, DEFAULT_WINDOW)
     agent = validation.label_value(args, "agent")
     svc = services()

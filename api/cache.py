@@ -1,7 +1,7 @@
 """Response cache: Redis when configured (shared by every gunicorn worker), else in-process.
 
-Only successful responses are stored; the key is the path plus the sorted query parameters, so
-``?a=1&b=2`` and ``?b=2&a=1`` share an entry.
+Only successful responses are stored; the key is the path plus the query parameters sorted by
+name, so ``?a=1&b=2`` and ``?b=2&a=1`` share an entry.
 """
 
 from __future__ import annotations
@@ -11,16 +11,26 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import Protocol
 
+import msgspec
 import redis
 
 KEY_PREFIX = "aicrm:api:cache:"
 
 
+_encode = msgspec.json.Encoder().encode
+_name = itemgetter(0)
+
+
 def cache_key(path: str, params: Iterable[tuple[str, str]]) -> str:
-    raw = path + "?" + "&".join(f"{k}={v}" for k, v in sorted(params))
-    return KEY_PREFIX + hashlib.sha256(raw.encode()).hexdigest()
+    """The path and the (name, value) pairs as JSON, so no name or value can pass for a
+    separator (``?agent%3Dalpha%26window=1d`` is one parameter, not two), sorted by name alone:
+    a repeated name keeps the order its values came in (the first is the one a view reads).
+    JSON text starts with ``[``, so no key of this form equals one of the earlier
+    ``path?k=v`` form still in a shared Redis."""
+    return KEY_PREFIX + hashlib.sha256(_encode((path, sorted(params, key=_name)))).hexdigest()
 
 
 class ResponseCache(Protocol):

@@ -1,4 +1,9 @@
-"""``aicrm-api``: the API under gunicorn with api/gunicorn.conf.py."""
+"""``aicrm-api``: the API under gunicorn with api/gunicorn.conf.py.
+
+gunicorn runs from its console script beside this interpreter, as the Dockerfile runs it: a
+master started as ``python -m gunicorn`` re-executes itself on USR2 with gunicorn's package
+directory first on its import path, where gunicorn's ``http`` package hides the standard
+library's and the new master fails (``No module named 'http.server'``)."""
 
 from __future__ import annotations
 
@@ -34,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     env["AICRM_API_BIND"] = args.bind or env.get("AICRM_API_BIND") or cfg.api.listen
     if args.workers:
         env["AICRM_API_WORKERS"] = str(args.workers)
-    cmd = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "api:create_app()"]
-    os.execvpe(cmd[0], cmd, env)
-    return 0  # pragma: no cover - execvpe does not return
+    # Not resolved: a virtualenv's python is a symlink, and its scripts sit beside the link.
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    if not os.access(gunicorn, os.X_OK):
+        print(f"aicrm-api: no gunicorn console script at {gunicorn}: install gunicorn into "
+              f"the environment of {sys.executable}", file=sys.stderr)
+        return 2
+    cmd = [str(gunicorn), "-c", str(CONF), "api:create_app()"]
+    os.execve(cmd[0], cmd, env)
+    return 0  # pragma: no cover - execve does not return
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .promql import Sample
 bp = Blueprint("executive", __name__)
 
 DEFAULT_WINDOW = "1d"
+PARAMETERS = frozenset({"window"})
 SEVERITY_ORDER = {"page": 0, "critical": 0, "warning": 1, "ticket": 2, "info": 3}
 RECOMMENDATION = "recommendation"
 
@@ -72,6 +73,7 @@ def _alerts(svc: Services, now: float) -> list[dict[str, Any]]:
 @bp.get("/executive-dashboard")
 @cached
 def executive_dashboard() -> Response:
+    validation.only(request.args, PARAMETERS)
     window = validation.window(request.args, DEFAULT_WINDOW)
     svc = services()
     now = time.time()

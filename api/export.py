@@ -1,7 +1,9 @@
 """GET /export: range data of one recorded dataset as CSV or JSON, streamed, bounded in size.
 
-The bound is checked twice: before querying (steps per series, from start/end/step) and after
-(all points of all series), so a response never exceeds ``api.export_max_points``.
+The bound is checked before the range query (steps per series, from start/end/step; then series
+times steps, the series counted by an instant ``count()`` at the range's end) and after it (all
+points of all series, for series the count missed), so a response never exceeds
+``api.export_max_points`` and a request far over it is refused before any range data is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ bp = Blueprint("export", __name__)
 DEFAULT_RANGE_SECONDS = 3600
 DEFAULT_STEP_SECONDS = 60
 MAX_RANGE_SECONDS = 31 * 86400
+PARAMETERS = frozenset({"dataset", "format", "start", "end", "step"})
 
 
 def _num(v: float | None) -> str:
@@ -51,6 +54,7 @@ def _json(name: str, ds: queries.Dataset, series: list[RangeSeries], start: floa
 @bp.get("/export")
 def export() -> Response:
     args = request.args
+    validation.only(args, PARAMETERS)
     name = validation.choice(args, "dataset", tuple(queries.DATASETS))
     fmt = validation.choice(args, "format", validation.EXPORT_FORMATS, "csv")
     now = time.time()
@@ -68,8 +72,20 @@ def export() -> Response:
         raise InvalidParameter("step", f"{steps} points per series, more than {limit}: "
                                        "use a larger step or a shorter range")
     ds = queries.DATASETS[name]
-    series = services().prometheus.query_range(ds.expr(), start, end, step)
+    prometheus = services().prometheus
+    expr = ds.expr()
+    # The number of series at the range's end, before any point is downloaded: a range answer
+    # over the bound would otherwise be held and decoded whole (tens of MB) just to refuse it.
+    counted = prometheus.query(f"count({expr})", end)
+    n_series = int(counted[0].value or 0) if counted else 0
+    if n_series * steps > max_points:
+        raise InvalidParameter("step", f"{n_series} series x {steps} steps = "
+                                       f"{n_series * steps} points, more than "
+                                       f"export_max_points ({max_points}): use a larger step "
+                                       "or a shorter range")
+    series = prometheus.query_range(expr, start, end, step)
     series.sort(key=lambda s: [s.labels.get(k, "") for k in ds.labels])
+    # Series that ended inside the range are not in the count: the bound again, on the answer.
     total = sum(len(s.points) for s in series)
     if total > max_points:
         raise InvalidParameter("step", f"{total} points in {len(series)} series, more than "

@@ -5,7 +5,7 @@ Environment: AICRM_API_BIND (default 0.0.0.0:5000, the container's address), AIC
 a path, or "off"), AICRM_API_CONTROL_SOCKET (gunicornc's socket; none by default),
 AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
 0: one socket shared by all workers), PROMETHEUS_MULTIPROC_DIR (the request metrics' shared
-directory).
+directory; by default one per master, removed when it exits).
 """
 
 import os
@@ -13,11 +13,17 @@ import shutil
 import tempfile
 from typing import Any
 
-# Multiprocess metrics must be on before prometheus_client is first imported.
-os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    os.path.join(tempfile.gettempdir(), f"aicrm-api-metrics-{os.getuid()}"),
-)
+# Multiprocess metrics must be on before prometheus_client is first imported (the worker
+# class's import brings in the app's modules). By default a directory of this master's own:
+# one shared by every instance of the user was wiped by each start under the others' workers.
+# A HUP reload finds the variable set and keeps the directory; a USR2 re-exec starts from the
+# environment gunicorn was started with, so the new master has a directory of its own and the
+# old one's workers keep theirs until they stop.
+_OWN_DIR = "AICRM_API_OWN_METRICS_DIR"
+"""Set to the directory when this file chose it, so on_exit removes only its own."""
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWN_DIR] = os.path.join(
+        tempfile.gettempdir(), f"aicrm-api-metrics-{os.getuid()}-{os.getpid()}")
 
 bind = os.environ.get("AICRM_API_BIND", "0.0.0.0:5000")
 workers = int(os.environ.get("AICRM_API_WORKERS", "4"))
@@ -50,11 +56,20 @@ logger_class = "api.gunicorn_logging.JsonAccessLogger"
 
 
 def on_starting(server: Any) -> None:
-    """A fresh metrics directory: files of a previous run would be summed in forever. And the
-    socket-per-worker mode only where it works (see reuse_port above)."""
+    """A fresh metrics directory: files of a previous run would be summed in forever. Not on a
+    USR2 re-exec (GUNICORN_PID names the old master, as gunicorn's arbiter reads it): a
+    directory given in PROMETHEUS_MULTIPROC_DIR then holds the old master's live workers'
+    files. And the socket-per-worker mode only where it works (see reuse_port above)."""
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory, exist_ok=True)
+    if os.environ.get(_OWN_DIR) == directory:
+        # In the shared temporary directory: left by a master of this pid that died without
+        # on_exit. Made anew with mode 0700, and start-up fails if another user's entry stays.
+        shutil.rmtree(directory, ignore_errors=True)
+        os.mkdir(directory, 0o700)
+    else:
+        if "GUNICORN_PID" not in os.environ:
+            shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, exist_ok=True)
     if server.cfg.reuse_port:
         if any(not isinstance(a, tuple) for a in server.cfg.address) or os.environ.get(
                 "LISTEN_FDS"):
@@ -79,6 +94,13 @@ def when_ready(server: Any) -> None:
     names = ", ".join(str(p) for p in probes)
     sock.close_sockets(probes, unlink=False)
     server.log.info("Listening at: %s (a socket per worker, SO_REUSEPORT)", names)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this master chose (never one given in the environment)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and os.environ.get(_OWN_DIR) == directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def child_exit(server: object, worker: object) -> None:

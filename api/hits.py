@@ -9,7 +9,8 @@ itself only when it is certain to give the very answer Flask would:
 
 - a GET of a cached endpoint's exact path, cache on, no CORS question (an ``Origin`` header
   while an allow-list is configured goes to Flask, which adds the CORS headers);
-- a key, when the endpoint needs one, that is valid (anything else goes to Flask for the 401);
+- a key, when the endpoint needs one, that is valid (anything else goes to Flask, which counts
+  it under the client address and answers 401, or 429 once over the limit);
 - the limiter admits the request and the cache holds a body for the same key Flask computes
   (the same path decoding and query parsing as werkzeug's ``request.path`` and ``request.args``).
 

@@ -30,6 +30,11 @@ class AnswerTooLarge(ProtocolError):
     pass
 
 
+class ConnectTimeout(ConnectionError):
+    """No connection within the connect timeout (TCP or the TLS handshake): the backend is
+    down or unreachable, not slow to answer, so this is no TimeoutError."""
+
+
 class ClosedBeforeAnswer(ConnectionError):
     """The backend closed the connection before sending any byte of an answer: on a kept-alive
     connection, the backend's idle timeout won the race, and the request can be sent again."""
@@ -47,13 +52,20 @@ class Connection:
 
     def __init__(self, host: str, port: int, *, connect_timeout: float,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection to {host}:{port} within "
+                                 f"{connect_timeout:g}s") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host)
-        except BaseException:
+        except BaseException as exc:
             sock.close()
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimeout(f"no TLS handshake with {host}:{port} within "
+                                     f"{connect_timeout:g}s") from None
             raise
         self.sock: socket.socket | None = sock
         self.exchanges = 0

@@ -73,6 +73,11 @@ def _form(data: dict[str, str]) -> bytes:
                     for k, v in data.items()).encode()
 
 
+def _malformed(path: str, kind: object) -> BackendError:
+    return BackendError(f"the metrics backend's {path} answer is malformed "
+                        f"(a {kind!r} result not in the Prometheus API's shape)")
+
+
 _STALE = (http11.ClosedBeforeAnswer, ConnectionResetError, ConnectionAbortedError,
           BrokenPipeError)
 """What a kept-alive connection the backend has since closed fails with: retried once, fresh."""
@@ -172,6 +177,10 @@ class PrometheusClient:
         body = _form(data) if data is not None else None
         try:
             status, raw = self._exchange(method, path, body)
+        except http11.ConnectTimeout:
+            raise BackendUnavailable(
+                f"the metrics backend accepted no connection within {self.connect_timeout:g}s"
+            ) from None
         except TimeoutError:
             raise BackendTimeout(
                 f"the metrics backend did not answer within {self.timeout:g}s"
@@ -185,7 +194,10 @@ class PrometheusClient:
         except msgspec.DecodeError:
             decoded = None
         if isinstance(decoded, dict) and decoded.get("status") == "success":
-            return decoded.get("data")
+            data = decoded.get("data")
+            if not isinstance(data, dict):
+                raise BackendError(f"the metrics backend's {path} answer has no data object")
+            return data
         error_type = decoded.get("errorType") if isinstance(decoded, dict) else None
         if error_type == "timeout" or status == 504:
             raise BackendTimeout("the metrics backend timed out evaluating the query")
@@ -203,20 +215,26 @@ class PrometheusClient:
             params["time"] = f"{time:.3f}"
         data = self._call("POST", "/api/v1/query", params)
         kind, result = data.get("resultType"), data.get("result")
-        if kind == "vector":
-            return [Sample(r["metric"], to_float(r["value"][1])) for r in result]
-        if kind == "scalar":
-            return [Sample({}, to_float(result[1]))]
+        try:
+            if kind == "vector":
+                return [Sample(r["metric"], to_float(r["value"][1])) for r in result]
+            if kind == "scalar":
+                return [Sample({}, to_float(result[1]))]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise _malformed("/api/v1/query", kind) from None
         raise BackendError(f"unexpected result type {kind!r}")
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
                   "step": f"{step:g}", "timeout": f"{self.timeout:g}s"}
         data = self._call("POST", "/api/v1/query_range", params)
-        return [
-            RangeSeries(r["metric"], [(float(t), to_float(v)) for t, v in r["values"]])
-            for r in data.get("result", [])
-        ]
+        try:
+            return [
+                RangeSeries(r["metric"], [(float(t), to_float(v)) for t, v in r["values"]])
+                for r in data["result"]
+            ]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise _malformed("/api/v1/query_range", data.get("resultType")) from None
 
     def alerts(self) -> list[dict[str, Any]] | None:
         """Active alerts with annotations, or None when the backend has no alerts API."""
@@ -226,7 +244,10 @@ class PrometheusClient:
             if exc.code == "backend_not_found":
                 return None
             raise
-        return list(data.get("alerts", []))
+        alerts = data.get("alerts", [])
+        if not isinstance(alerts, list):
+            raise BackendError("the metrics backend's /api/v1/alerts answer has no alerts list")
+        return alerts
 
     def ping(self) -> None:
         """Raise unless the backend evaluates a trivial query."""

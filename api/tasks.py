@@ -14,6 +14,7 @@ from .promql import Sample
 bp = Blueprint("tasks", __name__)
 
 DEFAULT_WINDOW = "1h"
+PARAMETERS = frozenset({"window", "task_type", "agent"})
 UNITS = {
     "completion_ratio": "ratio",
     "completed": "tasks",
@@ -38,6 +39,7 @@ def _block(fields: dict[str, list[Sample]], level: str, **labels: str) -> dict[s
 @cached
 def task_completion() -> Response:
     args = request.args
+    validation.only(args, PARAMETERS)
     window = validation.window(args, DEFAULT_WINDOW)
     task_type = validation.label_value(args, "task_type")
     agent = validation.label_value(args, "agent")

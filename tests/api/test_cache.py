@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
+import pytest
+import redis
 from flask import Flask
 
+from api import agents, executive, export, tasks
 from api.cache import MemoryCache, RedisCache, cache_key
 from tests import servers
 from tests.api.conftest import AUTH, KnownPrometheus
@@ -27,6 +31,57 @@ def test_hits_misses_and_key_order(known_prometheus: KnownPrometheus,
     assert c.get("/executive-dashboard").status_code == 401
     metrics = c.get("/metrics").get_data(as_text=True)
     assert 'aicrm_api_cache_lookups_total{result="hit"} 2.0' in metrics
+
+
+def test_cache_keys_are_unambiguous() -> None:
+    """A name holding ``=`` and ``&`` is one parameter, not two; a repeated name keeps the order
+    of its values (the first is the one read)."""
+    path = "/agent-performance"
+    assert cache_key(path, [("agent=alpha&window", "1d")]) != cache_key(
+        path, [("agent", "alpha"), ("window", "1d")])
+    assert cache_key(path, [("agent", "alpha&window=1d")]) != cache_key(
+        path, [("agent", "alpha"), ("window", "1d")])
+    assert cache_key(path, [("window", "1h"), ("window", "1d")]) != cache_key(
+        path, [("window", "1d"), ("window", "1h")])
+    assert cache_key(path, [("a", "1"), ("b", "2"), ("a", "3")]) == cache_key(
+        path, [("b", "2"), ("a", "1"), ("a", "3")])
+    assert cache_key(path, [("a", "1")]) != cache_key(path + "?a=1", [])
+
+
+@pytest.mark.parametrize("redis_cache", [False, True])
+def test_another_querys_entry_cannot_be_taken(
+    known_prometheus: KnownPrometheus, redis_server: servers.RedisServer,
+    make_app: Callable[..., Flask], redis_cache: bool,
+) -> None:
+    """The poisoning of a shared entry: a request whose single parameter name spells another
+    query, or with a repeated name, is refused and stores nothing, on both the Flask path and
+    the cache-hit path below it."""
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.flushdb()
+    admin.close()
+    c = make_app(known_prometheus.url, cache_ttl_seconds=60,
+                 redis_url=redis_server.url if redis_cache else None).test_client()
+    for _ in range(2):  # the second time through the hit path, with any entry in place
+        r = c.get("/agent-performance?agent%3Dlead-qualifier%26window=1d")
+        assert r.status_code == 400, r.get_data(as_text=True)
+        assert r.json["error"]["parameter"] == "agent=lead-qualifier&window"
+        r = c.get("/task-completion?window=1h&window=1d")
+        assert r.status_code == 400 and r.json["error"]["parameter"] == "window"
+    victim = c.get("/agent-performance?agent=lead-qualifier&window=1d")
+    assert victim.status_code == 200 and victim.headers["X-Cache"] == "MISS"
+    assert victim.json["window"] == "1d"
+    assert victim.json["filters"] == {"agent": "lead-qualifier"}
+    assert [a["agent"] for a in victim.json["data"]["agents"]] == ["lead-qualifier"]
+    assert c.get("/task-completion?window=1d").headers["X-Cache"] == "MISS"
+
+
+def test_parameters_are_the_specs(client: Any) -> None:
+    """Each endpoint takes exactly the parameters /openapi.json lists for it."""
+    paths = client.get("/openapi.json").json["paths"]
+    for path, module in (("/task-completion", tasks), ("/agent-performance", agents),
+                         ("/executive-dashboard", executive), ("/export", export)):
+        names = {p["name"] for p in paths[path]["get"]["parameters"]}
+        assert names == module.PARAMETERS, path
 
 
 def test_errors_are_not_cached(make_app: Callable[..., Flask]) -> None:

@@ -12,7 +12,9 @@ from urllib.parse import quote
 import pytest
 from flask import Flask
 
-from tests.api.conftest import AUTH, KnownPrometheus
+import api
+from api.promql import PrometheusClient, RangeSeries, Sample
+from tests.api.conftest import API_KEY, AUTH, KnownPrometheus, api_config
 
 
 def _range(known: KnownPrometheus) -> str:
@@ -71,11 +73,57 @@ def test_point_bound(known_prometheus: KnownPrometheus, make_app: Callable[..., 
     r = ten.get(f"/export?dataset=task_throughput&start={start}&end={start + 50}&step=5",
                 headers=AUTH)
     assert r.status_code == 400 and r.json["error"]["parameter"] == "step"
-    # ...and 2 series x 5 steps over a bound of 8 after it.
+    # ...and 2 series x 5 steps over a bound of 8 too, the series counted first.
     eight = make_app(known_prometheus.url, export_max_points=8).test_client()
     r = eight.get(f"/export?dataset=task_throughput&{rng}", headers=AUTH)
     assert r.status_code == 400 and r.json["error"]["parameter"] == "step"
-    assert "10 points in 2 series" in r.json["error"]["message"]
+    assert "2 series x 5 steps = 10 points" in r.json["error"]["message"]
+    assert "export_max_points (8)" in r.json["error"]["message"]
+
+
+class CountingClient(PrometheusClient):
+    """The real client, recording the range queries sent; ``undercount`` makes the instant
+    series count answer 1 (a series that ended inside the range is not counted at its end)."""
+
+    def __init__(self, url: str, undercount: bool = False) -> None:
+        super().__init__(url, 10)
+        self.ranges: list[str] = []
+        self.undercount = undercount
+
+    def query(self, expr: str, time: float | None = None) -> list[Sample]:
+        if self.undercount and expr.startswith("count("):
+            return [Sample({}, 1.0)]
+        return super().query(expr, time)
+
+    def query_range(self, expr: str, start: float, end: float,
+                    step: float) -> list[RangeSeries]:
+        self.ranges.append(expr)
+        return super().query_range(expr, start, end, step)
+
+
+@pytest.mark.parametrize("undercount", [False, True])
+def test_series_are_counted_before_the_range_is_loaded(known_prometheus: KnownPrometheus,
+                                                       undercount: bool) -> None:
+    """Series x steps over the bound is refused before the range query, so a large answer is
+    never downloaded and decoded just to be refused; the check on the answer stays for series
+    the count at the range's end misses."""
+    rng = _range(known_prometheus)
+    results = []
+    for max_points in (10, 8):
+        prometheus = CountingClient(known_prometheus.url, undercount)
+        app = api.create_app(api_config(known_prometheus.url, export_max_points=max_points),
+                             api_keys=(API_KEY,), prometheus=prometheus)
+        try:
+            r = app.test_client().get(f"/export?dataset=task_throughput&{rng}", headers=AUTH)
+            results.append((r.status_code, len(prometheus.ranges), r.get_data(as_text=True)))
+        finally:
+            api.close_app(app)
+    assert results[0][:2] == (200, 1)
+    if undercount:
+        assert results[1][:2] == (400, 1)
+        assert "10 points in 2 series" in results[1][2]
+    else:
+        assert results[1][:2] == (400, 0), results[1]
 
 
 def test_rfc3339_times(client: Any, known_prometheus: KnownPrometheus) -> None:

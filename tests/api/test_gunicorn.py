@@ -124,15 +124,20 @@ def _ss(port: int, *state: str) -> list[int]:
 
 
 def _start_api(tmp_path: Path, name: str, extra_args: list[str],
-               api: dict[str, Any] | None = None) -> tuple[servers.ProcessHandle, str]:
+               api: dict[str, Any] | None = None,
+               metrics_dir: Path | None = None) -> tuple[servers.ProcessHandle, str]:
     """gunicorn from the venv's console script (what the Dockerfile runs), 2 workers, with
-    these ``api`` settings."""
+    these ``api`` settings; the metrics in ``metrics_dir``, else in ``tmp_path/metrics-name``,
+    or, with ``TMPDIR``, in the default directory under it."""
     (tmp_path / "config.json").write_text(json.dumps(config_dict(api=api or {})))
     port = servers.free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "AICRM_CONFIG": str(tmp_path / "config.json"), "AICRM_API_BIND": f"127.0.0.1:{port}",
-           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off",
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{name}")}
+           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off"}
+    if metrics_dir is not None and metrics_dir.name == "TMPDIR":
+        env["TMPDIR"] = str(metrics_dir)
+    else:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir or tmp_path / f"metrics-{name}")
     handle = servers.ProcessHandle(name, tmp_path)
     handle.start([Path(sys.executable).parent / "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
                   *extra_args, "api:create_app()"], cwd=ROOT, env=env,
@@ -256,5 +261,95 @@ def test_a_unix_socket_given_on_the_command_line_is_shared(tmp_path: Path) -> No
         log = gunicorn.log_tail()
         assert f"Listening at: unix:{path}" in log and "SO_REUSEPORT" not in log, log
         assert "Control socket" not in log  # no gunicornc socket unless configured
+    finally:
+        gunicorn.stop()
+
+
+def _healthz_count(url: str) -> float:
+    """/healthz requests in the /metrics of whichever worker answers (all workers' files)."""
+    with requests.get(url + "/metrics", timeout=10) as r:
+        for line in r.text.splitlines():
+            if line.startswith("aicrm_api_requests_total{") and '"/healthz"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _ask(url: str, n: int) -> None:
+    for _ in range(n):
+        with requests.get(url + "/healthz", timeout=10, headers={"Connection": "close"}) as r:
+            assert r.status_code == 200
+
+
+@pytest.mark.integration
+def test_each_master_has_a_metrics_directory_of_its_own(tmp_path: Path) -> None:
+    """By default the metrics live in a directory of the master's own (named with its pid),
+    removed when it exits: a second instance of the same user no longer wipes the first's live
+    files when it starts."""
+    tmpdir = tmp_path / "TMPDIR"
+    for d in (tmpdir, tmp_path / "a", tmp_path / "b"):
+        d.mkdir()
+    first, first_url = _start_api(tmp_path / "a", "first", [], metrics_dir=tmpdir)
+    second = None
+    try:
+        own = tmpdir / f"aicrm-api-metrics-{os.getuid()}-{first.pid}"
+        _ask(first_url, 10)
+        assert eventually(lambda: any(own.glob("*.db")), 10), list(tmpdir.iterdir())
+        assert own.stat().st_mode & 0o777 == 0o700
+        files = sorted(p.name for p in own.glob("*.db"))
+        asked = _healthz_count(first_url)
+        assert asked >= 10  # and the start-up's ready checks
+        second, _ = _start_api(tmp_path / "b", "second", [], metrics_dir=tmpdir)
+        assert (tmpdir / f"aicrm-api-metrics-{os.getuid()}-{second.pid}").is_dir()
+        assert sorted(p.name for p in own.glob("*.db")) == files
+        assert _healthz_count(first_url) == asked
+        second.stop()
+        assert not (tmpdir / f"aicrm-api-metrics-{os.getuid()}-{second.pid}").exists()
+        assert own.is_dir()
+        first.stop()
+        assert not own.exists()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("given", [True, False])
+def test_usr2_upgrade_keeps_the_old_workers_metrics(tmp_path: Path, given: bool) -> None:
+    """The new master of a USR2 upgrade does not wipe the metrics of the old master's live
+    workers: in a PROMETHEUS_MULTIPROC_DIR both share, the old workers' counts stay summed;
+    by default the new master has a directory of its own and the old one is removed when the
+    old master exits."""
+    tmpdir = tmp_path / "TMPDIR"
+    tmpdir.mkdir()
+    shared = tmp_path / "shared-metrics"
+    gunicorn, url = _start_api(tmp_path, "usr2", [], metrics_dir=shared if given else tmpdir)
+    port = int(url.rsplit(":", 1)[1])
+    old_dir = shared if given else tmpdir / f"aicrm-api-metrics-{os.getuid()}-{gunicorn.pid}"
+    try:
+        assert eventually(lambda: len(_ss(port, "listening")) == 2, 20)
+        _ask(url, 10)
+        assert eventually(lambda: any(old_dir.glob("*.db")), 10)
+        files = {p.name for p in old_dir.glob("*.db")}
+        os.kill(gunicorn.pid, signal.SIGUSR2)
+        assert eventually(lambda: len(_ss(port, "listening")) == 4, 20), gunicorn.log_tail()
+        assert files <= {p.name for p in old_dir.glob("*.db")}, "the old workers' files went"
+        dirs = sorted(tmpdir.iterdir())
+        assert len(dirs) == (0 if given else 2), dirs
+        os.kill(gunicorn.pid, signal.SIGQUIT)
+        assert eventually(lambda: len(_ss(port, "listening")) == 2
+                          and gunicorn.process is not None
+                          and gunicorn.process.poll() is not None, 30), gunicorn.log_tail()
+        if given:
+            # The old workers' counters stay in the sum the new workers serve.
+            assert _healthz_count(url) >= 10
+        else:
+            assert not old_dir.exists()
+            (new_dir,) = tmpdir.iterdir()
+            # The new master, no longer the test's child: stopped by its pid, its directory
+            # goes with it.
+            os.kill(int(new_dir.name.rsplit("-", 1)[1]), signal.SIGTERM)
+            assert eventually(lambda: not new_dir.exists(), 20), gunicorn.log_tail()
+        assert "Traceback" not in gunicorn.log_tail()
     finally:
         gunicorn.stop()

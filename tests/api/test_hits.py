@@ -117,7 +117,7 @@ def test_keys_decide_the_bucket_and_protected_hits(
     assert c.get(dashboard, headers={"X-API-Key": API_KEY},
                  environ_base=env).headers["X-Cache"] == "HIT"
     assert through.count == n
-    # No key or a wrong one: Flask's 401, never the stored body.
+    # No key or a wrong one: Flask's 401, never the stored body, counted under the address.
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Basic " + API_KEY}):
         r = c.get(dashboard, headers=headers, environ_base=env)
         assert r.status_code == 401 and "X-Cache" not in r.headers, headers
@@ -131,7 +131,7 @@ def test_keys_decide_the_bucket_and_protected_hits(
     windows = {k.decode(): int(admin.get(k) or 0)
                for k in admin.keys("aicrm:api:limit:*")}
     admin.close()
-    assert windows["aicrm:api:limit:addr:198.51.100.8:100000/60"] == 2
+    assert windows["aicrm:api:limit:addr:198.51.100.8:100000/60"] == 3 + 2
     key_windows = [v for k, v in windows.items() if k.startswith("aicrm:api:limit:key:")]
     assert key_windows == [4]  # three dashboard requests and one task-completion
 

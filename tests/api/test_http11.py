@@ -347,3 +347,54 @@ def test_https_backend_verified_against_trusted_roots(
         assert len(client._open) == 1
     finally:
         client.close()
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """A port whose listener never accepts and whose accept queue is full: Linux drops further
+    SYNs, so a connect there times out (as behind a firewall that drops, or a stuck backend)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            queued.append(s)
+            s.settimeout(0.2)
+            try:
+                s.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            raise RuntimeError("the accept queue never filled")
+        yield port
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
+
+
+def test_connect_timeout_is_told_apart(full_backlog: int,
+                                       serve: Callable[..., ScriptedServer]) -> None:
+    """No connection within the connect timeout (TCP, or a TLS handshake that never completes)
+    means the backend is down or unreachable: 503, not the 504 of a backend slow to answer."""
+    def silent(conn: socket.socket) -> None:
+        time.sleep(2)
+
+    no_tls = serve(silent)
+    for url in (f"http://127.0.0.1:{full_backlog}", f"https://localhost:{no_tls.port}"):
+        client = PrometheusClient(url, timeout=0.3)
+        try:
+            with pytest.raises(BackendUnavailable) as err:
+                client.query("vector(1)")
+            assert err.value.status == 503
+            assert "accepted no connection within 0.3s" in err.value.message
+        finally:
+            client.close()
+    started = time.monotonic()
+    with pytest.raises(http11.ConnectTimeout) as caught:
+        http11.Connection("127.0.0.1", full_backlog, connect_timeout=0.2)
+    assert not isinstance(caught.value, TimeoutError)
+    assert time.monotonic() - started < 2

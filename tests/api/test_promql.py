@@ -4,6 +4,7 @@ JSON without a stack trace. /readyz follows the backend, /healthz does not."""
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,9 +13,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from api.promql import BackendTimeout, BackendUnavailable, PrometheusClient
+from api.promql import BackendError, BackendTimeout, BackendUnavailable, PrometheusClient
 from tests import servers
 from tests.api.conftest import AUTH, KnownPrometheus
+from tests.api.test_http11 import ScriptedServer
 from tests.servers import LocalHTTPServer
 
 DATA_PATHS = ("/task-completion", "/agent-performance", "/executive-dashboard",
@@ -109,3 +111,46 @@ def test_client_maps_errors(slow_backend: SlowBackend, known_prometheus: KnownPr
         assert live.alerts() is not None
     finally:
         live.close()
+
+
+MALFORMED = [
+    (b'{"status":"success"}', "/api/v1/query answer", "has no data object"),
+    (b'{"status":"success","data":null}', "/api/v1/query answer", "has no data object"),
+    (b'{"status":"success","data":{"resultType":"vector","result":null}}', "/api/v1/query",
+     "malformed"),
+    (b'{"status":"success","data":{"resultType":"vector","result":[{"value":[1,"2"]}]}}',
+     "/api/v1/query", "malformed"),
+    (b'{"status":"success","data":{"resultType":"scalar","result":[1]}}', "/api/v1/query",
+     "malformed"),
+]
+
+
+@pytest.mark.parametrize(("body", "where", "what"), MALFORMED)
+def test_malformed_success_answers_are_backend_errors(make_app: Callable[..., Flask],
+                                                      body: bytes, where: str,
+                                                      what: str) -> None:
+    """A "success" answer without the data the API reads is the backend's fault: 502 with a
+    message saying so, never an AttributeError or TypeError answered as a 500."""
+    def script(conn: socket.socket) -> None:
+        while server.read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    server = ScriptedServer(script)
+    client = PrometheusClient(f"http://127.0.0.1:{server.port}", timeout=2)
+    try:
+        calls = [lambda: client.query("vector(1)"),
+                 lambda: client.query_range("vector(1)", 0, 60, 60)]
+        if "no data" in what:
+            calls.append(client.alerts)
+        for call in calls:
+            with pytest.raises(BackendError) as err:
+                call()
+            assert err.value.status == 502
+        with pytest.raises(BackendError) as err:
+            client.query("vector(1)")
+        assert where in err.value.message and what in err.value.message
+        r = make_app(f"http://127.0.0.1:{server.port}").test_client().get("/task-completion")
+        assert r.status_code == 502 and r.json["error"]["code"] == "backend_error"
+    finally:
+        client.close()
+        server.close()

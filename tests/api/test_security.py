@@ -115,3 +115,27 @@ def test_rate_limit(known_prometheus: KnownPrometheus, make_app: Callable[..., F
     # A valid key has its own bucket; health probes are never limited.
     assert c.get("/task-completion", headers={"X-API-Key": API_KEY}).status_code == 200
     assert all(c.get("/healthz").status_code == 200 for _ in range(5))
+
+
+@pytest.mark.parametrize("cache_ttl", [0, 60])
+@pytest.mark.parametrize("strict", [False, True])
+def test_wrong_keys_are_rate_limited(known_prometheus: KnownPrometheus,
+                                     make_app: Callable[..., Flask], cache_ttl: int,
+                                     strict: bool) -> None:
+    """A refused key counts under the client address like any request without a valid key, so
+    guessing keys hits the limit: 401 within it, 429 past it (with the cache-hit path in front
+    of Flask, and for every endpoint with require_key_for_all)."""
+    c = make_app(known_prometheus.url, rate_limit="3/minute", cache_ttl_seconds=cache_ttl,
+                 require_key_for_all=strict).test_client()
+    assert c.get("/executive-dashboard", headers={"X-API-Key": API_KEY}).status_code == 200
+    path = "/task-completion" if strict else "/executive-dashboard"
+    answers = [c.get(path, headers={"X-API-Key": f"guess-{i}"}) for i in range(5)]
+    answers.append(c.get("/export?dataset=task_throughput", headers={
+        "Authorization": "Bearer guess-export"}))
+    answers.append(c.get(path))  # no key at all
+    assert [r.status_code for r in answers] == [401, 401, 401, 429, 429, 429, 429]
+    assert answers[0].headers["X-RateLimit-Remaining"] == "2"
+    assert answers[3].json["error"]["code"] == "rate_limited"
+    assert int(answers[3].headers["Retry-After"]) > 0
+    # The valid key keeps its own bucket.
+    assert c.get("/executive-dashboard", headers={"X-API-Key": API_KEY}).status_code == 200

@@ -36,6 +36,16 @@ BAD = [
     ("/export?dataset=task_throughput&start=200&end=100", "end"),
     ("/export?dataset=task_throughput&start=0&end=3000000", "start"),
     ("/export?dataset=task_throughput&start=0&end=86400&step=1", "step"),
+    # Parameters an endpoint does not take, or given twice, would be ignored (a view reads the
+    # first value) and two different queries answered alike.
+    ("/task-completion?windw=1h", "windw"),
+    ("/agent-performance?agent%3Dalpha%26window=1d", "agent=alpha&window"),
+    ("/agent-performance?task_type=qualify_lead", "task_type"),
+    ("/executive-dashboard?agent=lead-qualifier", "agent"),
+    ("/export?dataset=task_throughput&limit=5", "limit"),
+    ("/task-completion?window=1h&window=1d", "window"),
+    ("/agent-performance?agent=a&window=1h&agent=b", "agent"),
+    ("/export?dataset=task_throughput&dataset=agent_success_ratio", "dataset"),
 ]
 
 
