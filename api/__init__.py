@@ -15,6 +15,7 @@ import redis
 from flask import Flask, Response, g, request
 from flask_cors import CORS
 from limits import parse_many
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from exporter.config import Config, ConfigError, load_config, parse_config
 
@@ -188,6 +189,12 @@ def create_app(
             app.wsgi_app, routes, keys=keys, limiter=limiter, cache=cache,
             prefetch=prefetch_cache, metrics=svc.metrics, cors=bool(cfg.api.cors_origins),
             logger=logger)
+    if cfg.api.trusted_proxy_hops:
+        # Outermost, so the cache-hit path, the limiter and the access line all see the
+        # client's address rather than the proxy's.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=cfg.api.trusted_proxy_hops, x_proto=0, x_host=0, x_port=0,
+            x_prefix=0)
     return app
 
 

@@ -257,6 +257,11 @@ class ApiSettings(_Model):
     query_timeout_seconds: PositiveFloat = 10
     export_max_points: Annotated[int, Field(gt=0)] = 200_000
     listen: str = "127.0.0.1:5000"
+    trusted_proxy_hops: Annotated[int, Field(ge=0, le=10)] = 0
+    """Reverse proxies in front of the API that each append the address they saw to
+    ``X-Forwarded-For``: the client address (per-address rate limits, access log) is that
+    header's entry this many from its end. 0: the TCP peer, and the header is ignored (a client
+    could write anything in it)."""
 
 
 class Links(_Model):

@@ -139,3 +139,31 @@ def test_wrong_keys_are_rate_limited(known_prometheus: KnownPrometheus,
     assert int(answers[3].headers["Retry-After"]) > 0
     # The valid key keeps its own bucket.
     assert c.get("/executive-dashboard", headers={"X-API-Key": API_KEY}).status_code == 200
+
+
+@pytest.mark.parametrize("cache_ttl", [0, 60])
+def test_clients_behind_a_trusted_proxy_have_their_own_limits(
+        known_prometheus: KnownPrometheus, make_app: Callable[..., Flask], cache_ttl: int) -> None:
+    """With trusted_proxy_hops the client address is the proxy's X-Forwarded-For entry: one
+    noisy client behind the proxy does not use up everyone's limit (on the cache-hit path too)."""
+    c = make_app(known_prometheus.url, rate_limit="3/minute", cache_ttl_seconds=cache_ttl,
+                 trusted_proxy_hops=1).test_client()
+
+    def get(client_addr: str) -> int:
+        # What a proxy sends: the header a client wrote, then the address the proxy saw.
+        return c.get("/task-completion", environ_base={"REMOTE_ADDR": "172.18.0.1"},
+                     headers={"X-Forwarded-For": f"6.6.6.6, {client_addr}"}).status_code
+
+    assert [get("203.0.113.7") for _ in range(4)] == [200, 200, 200, 429]
+    assert [get("198.51.100.9") for _ in range(3)] == [200, 200, 200]
+
+
+@pytest.mark.parametrize("cache_ttl", [0, 60])
+def test_without_a_trusted_proxy_x_forwarded_for_is_ignored(
+        known_prometheus: KnownPrometheus, make_app: Callable[..., Flask], cache_ttl: int) -> None:
+    """A client cannot leave its limit behind by writing X-Forwarded-For itself."""
+    c = make_app(known_prometheus.url, rate_limit="3/minute",
+                 cache_ttl_seconds=cache_ttl).test_client()
+    codes = [c.get("/task-completion", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code
+             for i in range(4)]
+    assert codes == [200, 200, 200, 429]
