@@ -24,6 +24,11 @@ def test_redis_limit_and_cache_in_one_script(
     known_prometheus: KnownPrometheus, redis_server: servers.RedisServer,
     make_app: Callable[..., Flask],
 ) -> None:
+    import redis
+
+    # The Redis server is shared by the session: another test's entry for this URL would make
+    # the first answer a HIT.
+    redis.Redis.from_url(redis_server.url).flushdb()
     app = make_app(known_prometheus.url, redis_url=redis_server.url, cache_ttl_seconds=60,
                    rate_limit="4/minute;1000/hour")
     c = app.test_client()
