@@ -267,12 +267,15 @@ def test_target_rules(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(DASHBOARDS))
 def test_threshold_queries_read_config_series(name: str) -> None:
-    """Thresholds are drawn from aicrm_threshold / aicrm_objective, never typed."""
+    """Thresholds are drawn from aicrm_threshold / aicrm_objective, never typed; another
+    series only as an `and on (...)` filter (lines for the platforms with traffic)."""
+    config = {"aicrm_threshold", "aicrm_objective"}
     for panel in panels(DASHBOARDS[name]):
         for target in panel.get("targets", []):
             if target["refId"] == common.THRESHOLD_REF:
-                names = metric_names(target["expr"])
-                assert names and names <= {"aicrm_threshold", "aicrm_objective"}, panel["title"]
+                head, _, tail = target["expr"].partition(" and on (")
+                assert metric_names(head) and metric_names(head) <= config, panel["title"]
+                assert not tail or not metric_names(tail) & config, panel["title"]
 
 
 def test_every_query_names_only_existing_series() -> None:
@@ -424,6 +427,21 @@ def test_every_panel_returns_data(
                 if not prom.query(promql):
                     empty.append(f"{where}\n    {promql}")
         assert not empty, f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
+        # A threshold line named by a label ("threshold {{platform}}") must carry it: with a
+        # variable at "All" (.*) a selector also matches the exporter's global default, which
+        # has no such label and would draw an unnamed line at a limit no series has.
+        unnamed = []
+        for d in DASHBOARDS.values():
+            for p in panels(d):
+                for t in p.get("targets", []):
+                    names = re.findall(r"\{\{(\w+)\}\}", t.get("legendFormat", ""))
+                    if t["refId"] != common.THRESHOLD_REF or not names:
+                        continue
+                    promql = substitute(t["expr"], variable_names(d), GRAFANA_GLOBALS_FOR_DATA)
+                    unnamed += [f"{d['uid']} / {p['title']}: {r['metric']}"
+                                for r in prom.query(promql)
+                                if any(not r["metric"].get(n) for n in names)]
+        assert not unnamed, "threshold lines without their legend's label:\n" + "\n".join(unnamed)
     finally:
         exporter.stop()
         simulator.stop()

@@ -10,6 +10,14 @@ from grafana import common as c
 PF = 'platform=~"$platform"'
 
 
+def _platform_threshold(name: str) -> str:
+    """A per-platform threshold line for the platforms with traffic. ``platform!=""``: with
+    "All" the variable's ``.*`` also matches the global default (no platform label), which
+    would draw an unlabelled line at a limit no platform has."""
+    line = c.threshold(name, "platform", 'platform!="", ' + PF)
+    return f"{line} and on (platform) platform:aicrm_integration_requests:rate5m{{{PF}}}"
+
+
 def requests() -> timeseries.Panel:
     return c.timeseries_panel(
         "Requests",
@@ -47,7 +55,7 @@ def error_ratio() -> timeseries.Panel:
             c.query(f"platform:aicrm_integration_requests:error_ratio_rate5m{{{PF}}}",
                     "{{platform}}"),
             c.query(
-                c.threshold("integration_error_ratio_max", "platform", PF),
+                _platform_threshold("integration_error_ratio_max"),
                 "threshold {{platform}}",
                 c.THRESHOLD_REF,
             ),
@@ -66,7 +74,7 @@ def throttled_ratio() -> timeseries.Panel:
             c.query(f"platform:aicrm_integration_requests:throttled_ratio_rate5m{{{PF}}}",
                     "{{platform}}"),
             c.query(
-                c.threshold("integration_error_ratio_max", "platform", PF),
+                _platform_threshold("integration_error_ratio_max"),
                 "threshold {{platform}}",
                 c.THRESHOLD_REF,
             ),
@@ -84,7 +92,7 @@ def latency_p95() -> timeseries.Panel:
             c.query(f"platform:aicrm_integration_request_duration_seconds:p95_rate5m{{{PF}}}",
                     "{{platform}}"),
             c.query(
-                c.threshold("integration_latency_p95_max_seconds", "platform", PF),
+                _platform_threshold("integration_latency_p95_max_seconds"),
                 "threshold {{platform}}",
                 c.THRESHOLD_REF,
             ),
