@@ -92,8 +92,8 @@ def agent_task_success() -> table.Panel:
 def completion_vs_objective() -> timeseries.Panel:
     return c.timeseries_panel(
         "Completion ratio (1h)",
-        "Share of terminal tasks that completed, by task type. "
-        "Dashed: the task_completion_ratio objective.",
+        "Share of terminal tasks that completed, by task type, over all agents (the task "
+        "database's series have no agent label). Dashed: the task_completion_ratio objective.",
         c.RATIO,
         [
             c.query(f"task_type:aicrm_tasks:completed_ratio_rate1h{{{TT}}}", "{{task_type}}"),
@@ -107,7 +107,8 @@ def completion_vs_objective() -> timeseries.Panel:
 def duration_vs_target() -> timeseries.Panel:
     return c.timeseries_panel(
         "Task duration (p95, 1h) against target",
-        "95th percentile start-to-finish time by task type. Dashed: each type's target_seconds.",
+        "95th percentile start-to-finish time by task type, over all agents. "
+        "Dashed: each type's target_seconds.",
         c.SECONDS,
         [
             c.query(f"task_type:aicrm_task_duration_seconds:p95_rate1h{{{TT}}}",
@@ -125,7 +126,7 @@ def duration_vs_target() -> timeseries.Panel:
 def retries_by_task_type() -> timeseries.Panel:
     return c.timeseries_panel(
         "Retries per task (1h)",
-        "Retries agents needed per task result, by task type.",
+        "Retries agents needed per task result, by task type, over all agents.",
         c.FACTOR,
         [c.query(f"task_type:aicrm_agent_retries_per_task:ratio_rate1h{{{TT}}}",
                  "{{task_type}}")],
