@@ -29,13 +29,18 @@ def success_ratio() -> timeseries.Panel:
 
 
 def budget_remaining() -> bargauge.Panel:
+    # A fixed range: without a minimum the continuous scheme spans the values shown, and the
+    # lowest bar is red even when every agent has most of its budget left. From -1 (spent
+    # twice) to 1, an untouched budget is green, none left yellow, overspent red.
     return c.bar_panel(
         "Error budget left (30 days)",
         "Share of the 30-day success error budget (1 - objective) each agent has not spent; "
-        "below 0 means overspent.",
+        "below 0 means overspent. Colour on a fixed scale: green untouched, yellow at none "
+        "left, red at twice spent.",
         c.RATIO,
         [c.instant(f"agent:aicrm_agent_task_results:error_budget_remaining_ratio30d{{{AG}}}",
                    "{{agent}}")],
+        min_val=-1,
         max_val=1,
     )
 
@@ -153,7 +158,7 @@ def tokens_per_task() -> timeseries.Panel:
 def llm_latency() -> timeseries.Panel:
     return c.timeseries_panel(
         "LLM call latency (p95)",
-        "95th percentile duration of LLM calls, by model (5m).",
+        "95th percentile duration of LLM calls, by model, over all agents (5m).",
         c.SECONDS,
         [c.query("model:gen_ai_client_operation_duration_seconds:p95_rate5m", "{{model}}")],
         width=8,
@@ -163,7 +168,7 @@ def llm_latency() -> timeseries.Panel:
 def llm_errors() -> timeseries.Panel:
     return c.timeseries_panel(
         "LLM error ratio",
-        "Share of LLM calls that ended with an error, by model (5m).",
+        "Share of LLM calls that ended with an error, by model, over all agents (5m).",
         c.RATIO,
         [c.query("model:gen_ai_client_operations:error_ratio_rate5m", "{{model}}")],
         width=8,
