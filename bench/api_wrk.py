@@ -122,9 +122,10 @@ def wrk(url: str, connections: int, duration: int, threads: int = 2,
     """Run wrk --latency; requests/s, mean, p50, p99 latency (s), non-2xx count."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
     env = None
+    if script is not None:
+        argv[1:1] = ["-s", str(script)]
     if delay_ms is not None:
         assert script is not None
-        argv[1:1] = ["-s", str(script)]
         env = {**os.environ, "WRK_DELAY_MS": str(delay_ms)}
     cpu_before = tree_cpu_seconds(cpu_of) if cpu_of is not None else 0.0
     out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
@@ -140,6 +141,15 @@ def wrk(url: str, connections: int, duration: int, threads: int = 2,
     res["requests"] = float(re.search(r"([0-9]+) requests in", out).group(1))  # type: ignore[union-attr]
     res["cpu_per_request"] = cpu / res["requests"] if res["requests"] else float("nan")
     return res
+
+
+def cycle_lua(paths: list[str]) -> str:
+    """A wrk script sending the paths one after another, round and round (one connection: a
+    client asking each query in turn)."""
+    quoted = ",\n  ".join(json.dumps(p) for p in paths)  # URL-encoded: plain ASCII
+    return (f"local paths = {{\n  {quoted}\n}}\nlocal i = 0\n"
+            "request = function()\n  i = i % #paths + 1\n"
+            "  return wrk.format(\"GET\", paths[i])\nend\n")
 
 
 def start_api(tmp: Path, name: str, prometheus_url: str, redis_url: str | None,
@@ -272,6 +282,21 @@ def main(argv: list[str] | None = None) -> int:
                 side[conns] = side_by_side(uncached_url + UNCACHED_PATH, direct_url, conns,
                                            args.duration, args.rounds, uncached.pid,
                                            known.server.pid)
+            # What a client without the API asks: each field's query on its own, in turn.
+            fields = queries.agent_performance(3600, None).fields
+            cycle = tmp / "fields.lua"
+            cycle.write_text(cycle_lua([f"/api/v1/query?query={quote(e)}"
+                                        for e in fields.values()]))
+            per_field_runs, api_runs = [], []
+            per = max(1, round(args.duration / args.rounds))
+            for _ in range(args.rounds):
+                api_runs.append(wrk(uncached_url + UNCACHED_PATH, 1, per, threads=1,
+                                    cpu_of=uncached.pid))
+                per_field_runs.append(wrk(known.url, 1, per, threads=1, cpu_of=known.server.pid,
+                                          script=cycle))
+            if sum(r["non2xx"] for r in per_field_runs + api_runs):
+                raise SystemExit("non-2xx answers in the per-field comparison")
+            per_field = (_total(api_runs, per), _total(per_field_runs, per), len(fields))
             sweep = []
             windows = [w for w in args.sweep_windows.split(",") if w]
             for case_path, case_expr in sweep_cases(windows):
@@ -367,6 +392,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if ratio <= 1.3 else 'NOT met'} (mean latency ratio {ratio:.2f})."
         for conns, ratio in verdicts
     ] + [""]
+    api_res, field_res, n = per_field
+    lines += [
+        "For context, not the target: a client without the API would ask the "
+        f"{n} numbers as {n} queries, one per field. The same endpoint against Prometheus "
+        f"answering those {n} queries one after another on one connection (a wrk script "
+        f"cycling through them), {args.rounds} alternating rounds of {per}s; a set of "
+        f"answers takes {n} x the mean query time:",
+        "",
+        "| | mean per request | per set of answers | CPU/request |",
+        "|---|---|---|---|",
+        f"| API, one request | {_ms(api_res['mean'])} | {_ms(api_res['mean'])} "
+        f"| {_ms(api_res['cpu_per_request'])} |",
+        f"| Prometheus, {n} queries | {_ms(field_res['mean'])} | "
+        f"{_ms(field_res['mean'] * n)} | {_ms(field_res['cpu_per_request'])} |",
+        f"| ratio | | {api_res['mean'] / (field_res['mean'] * n):.2f}x | |",
+        "",
+    ]
     if sweep:
         lines += [
             "## Every one-query endpoint, by window",
