@@ -18,7 +18,6 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from itertools import product
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -41,7 +40,7 @@ from .events import (
     TaskResult,
     ToolCall,
 )
-from .labels import LabelSet, LabelSets
+from .labels import LabelSet, LabelSets, declared_series
 
 LabelValues = tuple[str, ...]
 # A histogram series: per-bucket counts (len(bounds) + 1 for +Inf), then sum, then count.
@@ -356,13 +355,7 @@ class MetricStore(Collector):
 
     def _precreate(self) -> None:
         """Declared label combinations start at 0, so the first event shows in rate()."""
-        ls = self.labels
-        agents = sorted(ls.agents.values)
-        task_types = sorted(ls.task_types.values)
-        tools = sorted(ls.tools.values)
-        models = sorted(ls.models.values)
-
-        def zero(spec: MetricSpec, combos: Iterable[LabelValues]) -> None:
+        for spec, combos in declared_series(self.labels):
             if spec.kind is Kind.COUNTER:
                 d = self._counters[spec.name]
                 for k in combos:
@@ -372,39 +365,6 @@ class MetricStore(Collector):
                 width = len(spec.buckets) + 3
                 for k in combos:
                     h.setdefault(k, [0.0] * width)
-
-        handled = [
-            (a.name, t) for a in sorted(self.cfg.agents, key=lambda a: a.name)
-            for t in (sorted(a.task_types) if a.task_types else task_types)
-        ]
-        zero(c.AGENT_TASK_RESULTS, ((a, t, o) for (a, t) in handled for o in c.OUTCOMES))
-        zero(c.AGENT_TASK_DURATION, handled)
-        zero(c.AGENT_RETRIES, handled)
-        zero(c.AGENT_HANDOFFS, product(agents, agents))
-        zero(c.AGENT_COST, product(agents, models))
-        zero(c.AGENT_TOOL_CALLS, product(agents, tools, c.TOOL_OUTCOMES))
-        zero(c.AGENT_TOOL_CALL_DURATION, product(agents, tools))
-        for integ in self.cfg.integrations:
-            ops = sorted(integ.operations)
-            zero(c.INTEGRATION_REQUESTS, product([integ.platform], ops, c.STATUS_CLASSES))
-            zero(c.INTEGRATION_REQUEST_DURATION, product([integ.platform], ops))
-        zero(c.USER_INTERACTIONS, product(sorted(ls.channels.values), c.INTERACTION_TYPES))
-        zero(c.USER_FEEDBACK_RATING, ((a,) for a in agents))
-        with_provider = [(m, p) for m, p in ls.model_providers.items()]
-        zero(
-            c.GENAI_OPERATION_DURATION,
-            (("chat", m, p, a, "") for (m, p), a in product(with_provider, agents)),
-        )
-        zero(
-            c.GENAI_TOKEN_USAGE,
-            (
-                ("chat", m, p, t, a)
-                for (m, p), t, a in product(with_provider, c.TOKEN_TYPES, agents)
-            ),
-        )
-        labels = ("agent", "task_type", "platform", "model", "provider", "tool", "channel",
-                  "error_type", "operation")
-        zero(c.LABEL_OVERFLOW, ((x,) for x in labels))
 
     def _config_families(self) -> Iterator[Metric]:
         """aicrm_threshold, aicrm_objective and friends: config.json as series."""

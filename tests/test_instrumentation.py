@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from exporter.instrumentation import (
     prometheus_unit,
     views,
 )
-from exporter.labels import LabelSets
+from exporter.labels import LabelSets, declared_series
 from exporter.metrics import MetricStore
 
 CONFIG: dict[str, Any] = {
@@ -146,8 +147,12 @@ def test_task_result(inst: Instrumentation) -> None:
 
 def test_retries_zero_creates_no_series(inst: Instrumentation) -> None:
     inst.task_result("lead-qualifier", "qualify_lead", "success", retries=0)
+    inst.task_result("rogue", "qualify_lead", "success", retries=0)
     assert value(
         inst, "aicrm_agent_retries_total", agent="lead-qualifier", task_type="qualify_lead"
+    ) == 0  # declared: pre-created
+    assert value(
+        inst, "aicrm_agent_retries_total", agent="other", task_type="qualify_lead"
     ) is None
 
 
@@ -190,7 +195,7 @@ def test_llm_call_error_type_and_explicit_provider(inst: Instrumentation) -> Non
         error_type="",
     ) == 1
     assert value(inst, "aicrm_label_overflow_total", label="error_type") == 1
-    assert value(inst, "aicrm_label_overflow_total", label="provider") is None
+    assert value(inst, "aicrm_label_overflow_total", label="provider") == 0
 
 
 def test_undeclared_values_become_other_and_are_counted(inst: Instrumentation) -> None:
@@ -269,7 +274,7 @@ def test_interaction_rating(inst: Instrumentation) -> None:
     assert value(inst, f"{name}_bucket", agent="email-writer", le="3.0") == 0
     assert value(inst, f"{name}_bucket", agent="email-writer", le="4.0") == 1
     assert value(inst, f"{name}_sum", agent="other") == 2
-    assert value(inst, "aicrm_label_overflow_total", label="agent") is None
+    assert value(inst, "aicrm_label_overflow_total", label="agent") == 0
     text = prometheus_client.generate_latest(inst.registry).decode()  # type: ignore[arg-type]
     assert "u-17" not in text
 
@@ -288,16 +293,46 @@ def test_interaction_rating(inst: Instrumentation) -> None:
         ("integration_call", ("p", "o"), {"status": "200"}, "status"),
         ("interaction", ("web", "like"), {}, "type must be one of"),
         ("interaction", ("web", "feedback"), {"rating": 6}, "rating"),
+        # names: 1 to 256 characters, as events.Name; an undeclared valid name before the bad
+        # one must not count an overflow either
+        ("task_result", ("", "qualify_lead", "success"), {}, "agent must be a string"),
+        ("task_result", ("rogue", "", "success"), {}, "task_type must be a string"),
+        ("handoff", ("x" * 257, "email-writer"), {}, "from_agent must be a string"),
+        ("handoff", ("lead-qualifier", 7), {}, "to_agent must be a string"),
+        ("llm_call", ("lead-qualifier", "gpt-4o"), {"operation": "", "duration_ms": 10},
+         "operation must be a string"),
+        ("llm_call", ("rogue", "gpt-4o"), {"error_type": "", "duration_ms": 10},
+         "error_type must be a string"),
+        ("llm_call", ("lead-qualifier", "gpt-4o"), {"provider": ""}, "provider"),
+        ("tool_call", ("lead-qualifier", "x" * 300), {}, "tool must be a string"),
+        ("tool_call", ("lead-qualifier", "crm.search"), {"error_type": ""}, "error_type"),
+        ("integration_call", ("salesforce", ""), {}, "operation must be a string"),
+        ("integration_call", ("teams", "query"), {"agent": ""}, "agent must be a string"),
+        ("interaction", ("", "message"), {}, "channel must be a string"),
+        ("interaction", ("web", "message"), {"user": "u" * 257}, "user must be"),
+        ("interaction", ("web", "message"), {"user": True}, "user must be"),
+        ("task_result", ("a", "t", "success"), {"workflow": ""}, "workflow"),
+        ("task_result", ("a", "t", "success"), {"task_id": "t" * 257}, "task_id"),
+        # numbers: True is no number in an event line
+        ("task_result", ("lead-qualifier", "qualify_lead", "success"), {"duration_ms": True},
+         "duration_ms"),
+        ("tool_call", ("lead-qualifier", "crm.search"), {"duration_ms": "12"}, "duration_ms"),
+        ("llm_call", ("lead-qualifier", "gpt-4o"), {"cost_usd": True}, "cost_usd"),
+        ("llm_call", ("lead-qualifier", "gpt-4o"), {"cost_usd": "0.1"}, "cost_usd"),
     ],
 )
 def test_values_the_exporter_would_reject_raise(
     inst: Instrumentation, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
     message: str,
 ) -> None:
-    with pytest.raises(ValueError, match=message):
-        getattr(inst, method)(*args, **kwargs)
+    call = getattr(inst, method)
+    line = {"event": method, **inspect.signature(call).bind(*args, **kwargs).arguments}
+    assert isinstance(decode_line(json.dumps(line).encode()), Rejected), line
     assert inst.registry is not None
-    assert families(inst.registry) == {}
+    before = prometheus_client.generate_latest(inst.registry)
+    with pytest.raises(ValueError, match=message):
+        call(*args, **kwargs)
+    assert prometheus_client.generate_latest(inst.registry) == before
 
 
 def test_record_accepts_typed_events(cfg: Config) -> None:
@@ -475,15 +510,29 @@ def series_of(fam: Metric) -> Series:
     return out
 
 
-def test_exporter_and_instrumentation_expose_identical_series(cfg: Config) -> None:
+# Declared values the workload never uses, so every counter family has zero series to compare.
+IDLE_CONFIG: dict[str, Any] = {
+    **CONFIG,
+    "agents": [*CONFIG["agents"], {"name": "idle-agent", "task_types": ["renew_contract"]}],
+    "task_types": [*CONFIG["task_types"], {"name": "renew_contract"}],
+    "integrations": [*CONFIG["integrations"], {"platform": "hubspot", "operations": ["sync"]}],
+    "models": [*CONFIG["models"], {"name": "claude-idle", "provider": "anthropic"}],
+    "tools": [*CONFIG["tools"], "calendar.book"],
+    "channels": [*CONFIG["channels"], "sms"],
+}
+
+
+def test_exporter_and_instrumentation_expose_identical_series() -> None:
     """The same event lines, applied by the exporter's store and recorded in-process.
 
-    The store also pre-creates zero-valued series for declared label combinations and serves
-    families no event feeds (source self metrics, thresholds); those are left out. For every
-    family the instrumentation emits: same name, TYPE and HELP, and exactly the same series
-    (label names, label values, every sample value including each bucket) as the store's
-    series that have any nonzero sample. Nothing is normalised or approximated.
+    The store also serves families no event feeds (source self metrics, thresholds); those
+    are left out. For every family the instrumentation emits: same name, TYPE and HELP, and
+    exactly the same series (label names, label values, every sample value including each
+    bucket), the counters' pre-created zero series included. The one difference: the store's
+    pre-created histogram series that no event reached (count 0), which OpenTelemetry cannot
+    create. Nothing is normalised or approximated.
     """
+    cfg = parse_config(IDLE_CONFIG)
     events: list[Event] = []
     for line in workload(3000, seed=7):
         event = decode_line(line)
@@ -509,11 +558,92 @@ def test_exporter_and_instrumentation_expose_identical_series(cfg: Config) -> No
         theirs = exported[name]
         assert (fam.type, fam.documentation) == (theirs.type, theirs.documentation), name
         ours = series_of(fam)
-        nonzero = {k: v for k, v in series_of(theirs).items() if any(v.values())}
-        assert ours.keys() == nonzero.keys(), name
+        expected = series_of(theirs)
+        if fam.type == "histogram":
+            expected = {k: v for k, v in expected.items() if v[(f"{name}_count", "")]}
+        assert ours.keys() == expected.keys(), name
         for key, samples in ours.items():
-            assert samples == nonzero[key], key
+            assert samples == expected[key], key
         assert ours, name
+
+
+def counter_series(registry: prometheus_client.CollectorRegistry) -> Series:
+    out: Series = {}
+    for spec in INSTRUMENTED:
+        fam = families(registry).get(spec.base_name)
+        if spec.kind is Kind.COUNTER and fam is not None:
+            out |= series_of(fam)
+    return out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, {**CONFIG, "agents": [{"name": "lead-qualifier", "task_types": ["qualify_lead"]},
+                                   {"name": "email-writer"}]}],
+    ids=["all-task-types", "agent-task-types"],
+)
+def test_declared_counter_series_start_at_zero_as_in_the_exporter(config: dict[str, Any]) -> None:
+    """Before any event, the counters serve the store's pre-created series, all at 0, so the
+    first event of each shows in rate() and increase()."""
+    cfg = parse_config(config)
+    store = MetricStore(cfg)
+    exporter_registry = prometheus_client.CollectorRegistry()
+    exporter_registry.register(store)
+    inst = Instrumentation(cfg)
+    assert inst.registry is not None
+    ours, theirs = counter_series(inst.registry), counter_series(exporter_registry)
+    assert ours == theirs
+    assert len(ours) == sum(
+        len(list(combos)) for spec, combos in declared_series(LabelSets.from_config(cfg))
+        if spec.kind is Kind.COUNTER
+    )
+    assert all(v == 0 for samples in ours.values() for v in samples.values())
+    key = {"agent": "lead-qualifier", "task_type": "qualify_lead", "outcome": "failure"}
+    assert value(inst, "aicrm_agent_task_results_total", **key) == 0
+    inst.task_result("lead-qualifier", "qualify_lead", "failure")
+    assert value(inst, "aicrm_agent_task_results_total", **key) == 1
+    inst.shutdown()
+    assert families(inst.registry) == {}
+
+
+def test_success_has_no_error_type_attribute_and_an_empty_label(cfg: Config) -> None:
+    """GenAI semantic conventions: ``error.type`` only on failure. Prometheus serves the
+    missing attribute as ``error_type=""``, as the exporter does, even when no series of the
+    family has an error (OpenTelemetry's reader fills it in only next to one that has)."""
+    reader = InMemoryMetricReader()
+    inst = Instrumentation(cfg, metric_readers=[reader])
+    store = MetricStore(cfg)
+    exporter_registry = prometheus_client.CollectorRegistry()
+    exporter_registry.register(store)
+    for event in (
+        {"event": "llm_call", "agent": "lead-qualifier", "model": "gpt-4o", "duration_ms": 70},
+        {"event": "llm_call", "agent": "rogue", "model": "gpt-9", "duration_ms": 5},
+    ):
+        e = decode_line(json.dumps(event).encode())
+        assert not isinstance(e, Rejected)
+        inst.record(e)
+        store.apply(e)
+    name = c.GENAI_OPERATION_DURATION.name
+    assert inst.registry is not None
+    ours = series_of(families(inst.registry)[name])
+    theirs = {k: v for k, v in series_of(families(exporter_registry)[name]).items()
+              if v[(f"{name}_count", "")]}
+    assert ours == theirs
+    assert len(ours) == 2
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == otel_name(c.GENAI_OPERATION_DURATION) for p in m.data.data_points]
+    assert len(points) == 2
+    assert all("error.type" not in (p.attributes or {}) for p in points)
+    inst.llm_call("lead-qualifier", "gpt-4o", duration_ms=70, error_type="timeout")
+    data = reader.get_metrics_data()
+    assert data is not None
+    errors = [dict(p.attributes or {}).get("error.type") for rm in data.resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == otel_name(c.GENAI_OPERATION_DURATION) for p in m.data.data_points]
+    assert sorted(map(str, errors)) == ["None", "None", "timeout"]
+    inst.shutdown()
 
 
 def test_docs_name_table_matches_the_code() -> None:

@@ -5,16 +5,18 @@ outside config.json's declared sets become ``other`` and are counted in
 ``aicrm_label_overflow_total``, milliseconds are recorded as seconds, HTTP statuses become
 status classes. The OpenTelemetry instruments are named from the catalog (see ``naming``), and
 the Prometheus reader is set up without ``target_info`` and ``otel_scope_*`` labels, so the
-series an agent serves are the ones the exporter serves for the same events.
+series an agent serves are the ones the exporter serves for the same events. Counters start the
+exporter's declared series at 0 (``labels.declared_series``); histograms cannot (see
+docs/instrumentation.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from threading import Thread
-from typing import Any
+from typing import Any, get_args
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -27,6 +29,8 @@ from opentelemetry.sdk.metrics.view import (
     View,
 )
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .. import __version__
 from .. import catalog as c
@@ -36,15 +40,17 @@ from ..events import (
     MAX_COST_USD,
     MAX_COUNT,
     MAX_DURATION_MS,
+    AnyId,
     Event,
     Handoff,
     IntegrationCall,
     Interaction,
     LlmCall,
+    Name,
     TaskResult,
     ToolCall,
 )
-from ..labels import LabelSet, LabelSets
+from ..labels import LabelSet, LabelSets, declared_series
 from ..metrics import status_class
 from .naming import INSTRUMENTED, attribute_key, otel_name
 
@@ -52,6 +58,12 @@ SCOPE_NAME = "aicrm"
 """The meter (instrumentation scope) name; not exported as a label."""
 
 _MS = 1000
+# The event model's limits, read from its annotations: Name is Annotated[str, Meta(...)];
+# AnyId is Annotated[str, Meta(max_length=...)] | int | None.
+_NAME_MIN: int = get_args(Name)[1].min_length
+_NAME_MAX: int = get_args(Name)[1].max_length
+_ID_MAX: int = get_args(get_args(AnyId)[0])[1].max_length
+_ERROR_TYPE = "error.type"
 
 
 def views(label_sets: LabelSets) -> list[View]:
@@ -125,28 +137,93 @@ class _Instrument:
 
     __slots__ = ("keys", "record")
 
-    def __init__(self, meter: Meter, spec: MetricSpec):
-        self.keys = tuple(attribute_key(label) for label in spec.labels)
+    def __init__(self, record: Callable[..., None], keys: tuple[str, ...]):
+        self.record = record
+        self.keys = keys
+
+    @classmethod
+    def create(cls, meter: Meter, spec: MetricSpec) -> _Instrument:
+        keys = tuple(attribute_key(label) for label in spec.labels)
         name = otel_name(spec)
         if spec.kind is Kind.COUNTER:
-            self.record: Callable[..., None] = meter.create_counter(
-                name, spec.unit, spec.help
-            ).add
-        elif spec.kind is Kind.HISTOGRAM:
-            self.record = meter.create_histogram(
-                name, spec.unit, spec.help, explicit_bucket_boundaries_advisory=_bounds(spec)
-            ).record
-        else:
-            raise ValueError(f"{spec.name}: only counters and histograms are event-driven")
+            return cls(meter.create_counter(name, spec.unit, spec.help).add, keys)
+        if spec.kind is Kind.HISTOGRAM:
+            return cls(
+                meter.create_histogram(
+                    name, spec.unit, spec.help, explicit_bucket_boundaries_advisory=_bounds(spec)
+                ).record,
+                keys,
+            )
+        raise ValueError(f"{spec.name}: only counters and histograms are event-driven")
+
+    def without(self, key: str) -> _Instrument:
+        """The same instrument, recording without one attribute (``error.type`` on success)."""
+        return _Instrument(self.record, tuple(k for k in self.keys if k != key))
 
     def __call__(self, value: float, *labels: str) -> None:
         self.record(value, dict(zip(self.keys, labels, strict=True)))
 
 
+class _CatalogLabels(Collector):
+    """The Prometheus reader's families with every catalog label on every sample.
+
+    Where OpenTelemetry leaves an attribute out (``error.type`` on success), the exporter
+    serves the label empty. The reader fills in ``""`` only when another series of the family
+    has the attribute; this fills it in always. Prometheus stores an empty label as no label,
+    so no stored series changes: the exposition just stays identical to the exporter's.
+    """
+
+    def __init__(self, source: CollectorRegistry):
+        self.source = source
+        self.labels = {spec.base_name: spec.labels for spec in INSTRUMENTED}
+
+    def describe(self) -> list[Metric]:
+        # Registering must not collect: the reader's provider may not exist yet.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.source.collect():
+            labels = self.labels.get(fam.name, ())
+            # The reader gives every sample of a family the same label names.
+            if fam.samples and not all(x in fam.samples[0].labels for x in labels):
+                empty = dict.fromkeys(labels, "")
+                fam.samples = [s._replace(labels={**empty, **s.labels}) for s in fam.samples]
+            yield fam
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} of length {len(text) - 2}"
+
+
+def _name(field: str, value: object) -> None:
+    """Event-line names (``events.Name``): a string of 1 to 256 characters."""
+    if not isinstance(value, str) or not _NAME_MIN <= len(value) <= _NAME_MAX:
+        raise ValueError(
+            f"{field} must be a string of {_NAME_MIN} to {_NAME_MAX} characters, "
+            f"got {_show(value)}"
+        )
+
+
+def _id(field: str, value: object) -> None:
+    """``events.AnyId``: an integer or a string of at most 256 characters (never a label)."""
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or isinstance(value, str) and len(value) <= _ID_MAX
+    ):
+        raise ValueError(
+            f"{field} must be an integer or a string of at most {_ID_MAX} characters, "
+            f"got {_show(value)}"
+        )
+
+
 def _duration(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if not 0 <= value <= MAX_DURATION_MS:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= MAX_DURATION_MS
+    ):
         raise ValueError(f"{name} must be a number from 0 to {MAX_DURATION_MS:g}, got {value!r}")
     return value / _MS
 
@@ -174,7 +251,8 @@ class Instrumentation:
     histograms get the catalog's buckets.
 
     Arguments are checked against the event-line contract (DESIGN.md): a value the exporter
-    would reject (an unknown outcome, a negative duration) raises ``ValueError``.
+    would reject (an unknown outcome, a negative duration, an empty name, ``True`` for a
+    number) raises ``ValueError``, and nothing is recorded.
     """
 
     def __init__(
@@ -191,20 +269,25 @@ class Instrumentation:
         self.labels = label_sets
         self.registry = registry
         self._owns_provider = meter_provider is None
+        self._exposition: _CatalogLabels | None = None
         if meter_provider is None:
             if self.registry is None:
                 self.registry = CollectorRegistry()
+            # The reader registers with a private registry; _CatalogLabels serves its families.
+            own = CollectorRegistry(auto_describe=False)
             reader = PrometheusMetricReader(
-                disable_target_info=True, scope_info_enabled=False, registry=self.registry
+                disable_target_info=True, scope_info_enabled=False, registry=own
             )
             meter_provider = SdkMeterProvider(
                 metric_readers=[reader, *metric_readers], views=views(label_sets)
             )
+            self._exposition = _CatalogLabels(own)
+            self.registry.register(self._exposition)
         elif metric_readers:
             raise ValueError("metric_readers apply only when no meter_provider is given")
         self.meter_provider = meter_provider
         meter = meter_provider.get_meter(SCOPE_NAME, __version__)
-        i = {spec.name: _Instrument(meter, spec) for spec in INSTRUMENTED}
+        i = {spec.name: _Instrument.create(meter, spec) for spec in INSTRUMENTED}
         self._task_results = i[c.AGENT_TASK_RESULTS.name]
         self._task_duration = i[c.AGENT_TASK_DURATION.name]
         self._retries = i[c.AGENT_RETRIES.name]
@@ -213,6 +296,8 @@ class Instrumentation:
         self._tool_calls = i[c.AGENT_TOOL_CALLS.name]
         self._tool_duration = i[c.AGENT_TOOL_CALL_DURATION.name]
         self._genai_duration = i[c.GENAI_OPERATION_DURATION.name]
+        # Success: no error.type attribute (GenAI semantic conventions: only on failure).
+        self._genai_duration_ok = self._genai_duration.without(_ERROR_TYPE)
         self._genai_tokens = i[c.GENAI_TOKEN_USAGE.name]
         self._integration_requests = i[c.INTEGRATION_REQUESTS.name]
         self._integration_duration = i[c.INTEGRATION_REQUEST_DURATION.name]
@@ -227,6 +312,13 @@ class Instrumentation:
             IntegrationCall: self._record_integration_call,
             Interaction: self._record_interaction,
         }
+        # The exporter's declared series, at 0, so the first event shows in rate(). A
+        # histogram series cannot exist before its first observation in OpenTelemetry.
+        for spec, combos in declared_series(label_sets):
+            if spec.kind is Kind.COUNTER:
+                add = i[spec.name]
+                for combo in combos:
+                    add(0, *combo)
 
     def _m(self, ls: LabelSet, value: str) -> str:
         """Declared values pass; anything else is ``other`` and counted as an overflow."""
@@ -249,7 +341,13 @@ class Instrumentation:
         workflow: str | None = None,
     ) -> None:
         """An agent finished a task. ``task_id`` and ``workflow`` are never labels."""
+        _name("agent", agent)
+        _name("task_type", task_type)
         _one_of("outcome", outcome, c.OUTCOMES)
+        if task_id is not None:
+            _id("task_id", task_id)
+        if workflow is not None:
+            _name("workflow", workflow)
         seconds = _duration("duration_ms", duration_ms)
         retries = _count("retries", retries)
         ls = self.labels
@@ -274,12 +372,24 @@ class Instrumentation:
         cost_usd: float | None = None,
         error_type: str | None = None,
     ) -> None:
-        """A model call. ``provider`` defaults to the model's declared provider; an empty or
-        absent ``error_type`` means success (``error_type=""`` on the duration series)."""
+        """A model call. ``provider`` defaults to the model's declared provider; no
+        ``error_type`` means success: the duration has no ``error.type`` attribute (served as
+        ``error_type=""``, as the exporter does)."""
+        _name("agent", agent)
+        _name("model", model)
+        _name("operation", operation)
+        if provider is not None:
+            _name("provider", provider)
+        if error_type is not None:
+            _name("error_type", error_type)
         seconds = _duration("duration_ms", duration_ms)
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens)
-        if cost_usd is not None and not 0 <= cost_usd <= MAX_COST_USD:
+        if cost_usd is not None and (
+            isinstance(cost_usd, bool)
+            or not isinstance(cost_usd, (int, float))
+            or not 0 <= cost_usd <= MAX_COST_USD
+        ):
             raise ValueError(f"cost_usd must be a number from 0 to {MAX_COST_USD:g}, "
                              f"got {cost_usd!r}")
         ls = self.labels
@@ -291,8 +401,11 @@ class Instrumentation:
         else:
             provider = ls.model_providers.get(model, c.OTHER_VALUE)
         if seconds is not None:
-            err = self._m(ls.error_types, error_type) if error_type else ""
-            self._genai_duration(seconds, op, model_l, provider, agent_l, err)
+            if error_type is None:
+                self._genai_duration_ok(seconds, op, model_l, provider, agent_l)
+            else:
+                err = self._m(ls.error_types, error_type)
+                self._genai_duration(seconds, op, model_l, provider, agent_l, err)
         if input_tokens is not None:
             self._genai_tokens(input_tokens, op, model_l, provider, "input", agent_l)
         if output_tokens is not None:
@@ -310,7 +423,11 @@ class Instrumentation:
         error_type: str | None = None,
     ) -> None:
         """A tool call. ``error_type`` is accepted for parity; tool metrics carry ``outcome``."""
+        _name("agent", agent)
+        _name("tool", tool)
         _one_of("outcome", outcome, c.TOOL_OUTCOMES)
+        if error_type is not None:
+            _name("error_type", error_type)
         seconds = _duration("duration_ms", duration_ms)
         ls = self.labels
         agent = self._m(ls.agents, agent)
@@ -328,6 +445,12 @@ class Instrumentation:
         task_id: str | int | None = None,
     ) -> None:
         """Work passed between agents; ``workflow`` and ``task_id`` are never labels."""
+        _name("from_agent", from_agent)
+        _name("to_agent", to_agent)
+        if workflow is not None:
+            _name("workflow", workflow)
+        if task_id is not None:
+            _id("task_id", task_id)
         ls = self.labels
         self._handoffs(1, self._m(ls.agents, from_agent), self._m(ls.agents, to_agent))
 
@@ -342,6 +465,10 @@ class Instrumentation:
     ) -> None:
         """A request to an external platform. ``status`` is the HTTP code or ``"timeout"``;
         none counts as ``2xx``. Operations are declared per platform in config.json."""
+        _name("platform", platform)
+        _name("operation", operation)
+        if agent is not None:
+            _name("agent", agent)
         if status is not None and status != "timeout" and (
             isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599
         ):
@@ -367,7 +494,12 @@ class Instrumentation:
     ) -> None:
         """A user interacted with an agent. ``user`` is never a label (distinct users are the
         exporter's ``aicrm_active_users``); a rating without an agent counts under ``other``."""
+        _name("channel", channel)
         _one_of("type", type, c.INTERACTION_TYPES)
+        if user is not None:
+            _id("user", user)
+        if agent is not None:
+            _name("agent", agent)
         if rating is not None and (
             isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5
         ):
@@ -427,3 +559,6 @@ class Instrumentation:
         """Stop the meter provider this object built (its readers flush and unregister)."""
         if self._owns_provider and isinstance(self.meter_provider, SdkMeterProvider):
             self.meter_provider.shutdown()
+        if self._exposition is not None and self.registry is not None:
+            self.registry.unregister(self._exposition)
+            self._exposition = None
