@@ -1,7 +1,9 @@
 # One image for the exporter, the API (gunicorn) and the workload simulator; docker-compose.yml
 # picks the command per service. Data (event logs, the SQLite task database, the exporter's
-# state) lives in /app/data, a volume.
-FROM python:3.12-slim
+# state) lives in /app/data, a volume. /app/alertmanager-config is where the compose service
+# alertmanager-config renders Alertmanager's configuration (a volume Alertmanager mounts).
+# Pinned to a patch release and a Debian release, so a rebuild gets the same interpreter.
+FROM python:3.12.10-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,8 +16,8 @@ COPY exporter/ exporter/
 COPY api/ api/
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin aicrm \
-    && mkdir -p /app/data \
-    && chown aicrm:aicrm /app/data
+    && mkdir -p /app/data /app/alertmanager-config \
+    && chown aicrm:aicrm /app/data /app/alertmanager-config
 COPY config.json ./
 
 USER aicrm

@@ -21,8 +21,14 @@ test: setup
 	.venv/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The benchmarks of docs/benchmarks.md one after another, as documented there (each prints its
+# own report; rules_scale runs for minutes). One alone: .venv/bin/python bench/<name>.py
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/ingest_vs_mtail.py
+	$(PY) bench/taskdb_vs_sql_exporter.py
+	$(PY) bench/instrumentation_overhead.py
+	$(PY) bench/rules_scale.py
+	$(PY) bench/api_wrk.py --duration 15
 
 clean:
 	rm -rf data .venv .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,17 @@ import requests
 import yaml
 from psycopg import sql
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _newest_postgres_bin(root: Path = Path("/usr/lib/postgresql")) -> Path:
+    """Debian installs each major version beside the others (/usr/lib/postgresql/<major>/bin):
+    the newest one installed (a placeholder naming the layout when there is none)."""
+    versions = [p.parents[1] for p in root.glob("*/bin/postgres") if p.parents[1].name.isdigit()]
+    if not versions:
+        return root / "<version>" / "bin"
+    return max(versions, key=lambda p: int(p.name)) / "bin"
+
+
+PG_BIN = _newest_postgres_bin()
 PG_USER = "aicrm"
 
 # binary -> Debian package that ships it
@@ -40,8 +50,8 @@ PACKAGES = {
     "redis-server": "redis-server",
     "victoria-metrics": "victoria-metrics",
     "vmalert": "victoria-metrics",
-    str(PG_BIN / "initdb"): "postgresql-15",
-    str(PG_BIN / "postgres"): "postgresql-15",
+    str(PG_BIN / "initdb"): "postgresql",
+    str(PG_BIN / "postgres"): "postgresql",
 }
 
 _running: set[ProcessHandle] = set()
@@ -314,7 +324,7 @@ def start_postgres(tmpdir: Path) -> PostgresServer:
     initdb, postgres = str(PG_BIN / "initdb"), str(PG_BIN / "postgres")
     for binary in (initdb, postgres):
         if not os.access(binary, os.X_OK):
-            raise RuntimeError(f"{binary} not found: install the Debian package 'postgresql-15'")
+            raise RuntimeError(f"{binary} not found: install the Debian package 'postgresql'")
     workdir = _workdir(tmpdir, "postgres")
     user = _postgres_os_user()
     if user is None:

@@ -8,6 +8,7 @@ No Docker engine is needed: the compose file is read as YAML and checked against
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter import alertmanager_config
+from exporter.config import ENV_OVERRIDES
 from tests.servers import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +34,15 @@ PORTS = {
     "grafana": 3000,
     "victoriametrics": 8428,
 }
-DEFAULT_SERVICES = {"exporter", "api", "prometheus", "alertmanager", "grafana"}
+DEFAULT_SERVICES = {
+    "exporter", "api", "redis", "prometheus", "alertmanager-config", "alertmanager", "grafana",
+}
+# Run once and exit; the services after them wait for them to complete.
+ONE_SHOT = {"alertmanager-config"}
 PROFILES = {"simulator": ["demo"], "victoriametrics": ["scale"], "vmalert": ["scale"]}
 # Where each compose path is mounted, so in-container paths can be mapped back to the repo.
 PROMETHEUS_RULES_MOUNT = "/etc/prometheus/rules"
+PROMETHEUS_CONFIG_MOUNT = "/etc/prometheus/config"
 VMALERT_RULES_MOUNT = "/etc/rules"
 
 
@@ -118,10 +126,16 @@ def test_ports_match_design_and_config(services: dict[str, Any]) -> None:
 def test_healthchecks_and_dependencies(services: dict[str, Any]) -> None:
     for name, service in services.items():
         check = service.get("healthcheck")
-        assert check and check["test"][0] == "CMD", f"{name} has no exec-form healthcheck"
+        if name in ONE_SHOT:
+            # The image's HEALTHCHECK polls the exporter; a job that exits has no health.
+            assert check == {"disable": True}, name
+            assert service.get("restart") == "no", name
+        else:
+            assert check and check["test"][0] == "CMD", f"{name} has no exec-form healthcheck"
         for dep, spec in service.get("depends_on", {}).items():
             assert dep in services, (name, dep)
-            assert spec["condition"] == "service_healthy", (name, dep)
+            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert spec["condition"] == expected, (name, dep)
             # A service may only wait for one that runs whenever it runs.
             dep_profiles = services[dep].get("profiles")
             assert dep_profiles is None or dep_profiles == service.get("profiles"), (name, dep)
@@ -133,6 +147,7 @@ def test_healthchecks_and_dependencies(services: dict[str, Any]) -> None:
     assert "aicrm-data" in named["exporter"] and "aicrm-data" in named["simulator"]
     assert "prometheus-data" in named["prometheus"]
     assert "alertmanager-data" in named["alertmanager"]
+    assert "alertmanager-config" in named["alertmanager"]
     assert "grafana-data" in named["grafana"]
     assert "vm-data" in named["victoriametrics"]
 
@@ -144,6 +159,18 @@ def test_secrets_come_from_the_environment(compose: dict[str, Any]) -> None:
     for secret in compose["secrets"].values():
         assert set(secret) == {"environment"}
     assert not (ROOT / ".env").exists() or ".env" in (ROOT / ".dockerignore").read_text()
+    # No secret in a container's environment (docker inspect shows it): Grafana reads a file.
+    services = compose["services"]
+    grafana = services["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == (
+        "/run/secrets/grafana_admin_password")
+    assert grafana["secrets"] == ["grafana_admin_password"]
+    assert compose["secrets"]["grafana_admin_password"] == {"environment": "GRAFANA_ADMIN_PASSWORD"}
+    for name, service in services.items():
+        for var, value in (service.get("environment") or {}).items():
+            assert not re.search(r"PASSWORD|SECRET|SLACK|SMTP", var) or var.endswith("__FILE"), (
+                name, var, value)
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     for var in set(re.findall(r"\$\{(\w+)", text)) | {
         s["environment"] for s in compose["secrets"].values()
@@ -206,8 +233,9 @@ def test_prometheus_configs_agree_with_compose(services: dict[str, Any]) -> None
     # The rule globs resolve through the compose mount to the repo's rule files.
     mounts = dict((dst, src) for src, dst in bind_mounts(services["prometheus"]))
     assert mounts[PROMETHEUS_RULES_MOUNT] == "./recording_rules"
-    for name in ("prometheus.yml", "prometheus.scale.yml"):
-        assert mounts[f"/etc/prometheus/{name}"] == f"./prometheus/{name}"
+    assert mounts[PROMETHEUS_CONFIG_MOUNT] == "./prometheus"
+    config_file = command_flags(services["prometheus"])["config.file"]
+    assert config_file == PROMETHEUS_CONFIG_MOUNT + "/${PROMETHEUS_CONFIG:-prometheus.yml}"
     for glob in base["rule_files"]:
         rel = glob.removeprefix(PROMETHEUS_RULES_MOUNT + "/")
         assert list((ROOT / "recording_rules").glob(rel)), glob
@@ -228,20 +256,112 @@ def test_vmalert_runs_the_same_rule_files(services: dict[str, Any]) -> None:
     assert flags["notifier.url"] == f"http://alertmanager:{PORTS['alertmanager']}"
 
 
-def test_alertmanager_config_passes_amtool(services: dict[str, Any]) -> None:
+def test_reloaded_configuration_is_mounted_as_directories(services: dict[str, Any]) -> None:
+    """A single-file bind mount pins the file's inode: an editor that saves by writing a new
+    file and renaming it over the old leaves the container on the old content, and
+    `/-/reload` silently reloads that."""
+    for name in ("prometheus", "alertmanager", "alertmanager-config", "vmalert", "grafana"):
+        for src, dst in bind_mounts(services[name]):
+            assert (ROOT / src).is_dir(), f"{name}: {src} is mounted as a single file at {dst}"
+
+
+def _render_as_compose(
+    services: dict[str, Any], tmp_path: Path, secrets: dict[str, str], webhook: str | None
+) -> tuple[Path, str]:
+    """Run the alertmanager-config service's command with its mounts mapped to the repository
+    and ``tmp_path``; returns the rendered file and the command's output."""
+    service = services["alertmanager-config"]
+    command = [str(a) for a in service["command"]]
+    assert command[:3] == ["python", "-m", "exporter.alertmanager_config"]
+    args = dict(zip(command[3::2], command[4::2], strict=True))
+    mounts = dict((dst, src) for src, dst in bind_mounts(service))
+    source_dir = posix_parent(args["--source"])
+    source = ROOT / mounts[source_dir] / args["--source"].removeprefix(source_dir + "/")
+    output = tmp_path / "rendered" / "alertmanager.yml"
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    targets = {s["source"]: s["target"] for s in service["secrets"]}
+    for name, value in secrets.items():
+        (secret_dir / Path(targets[name]).name).write_text(value)
+    env = {k: v for k, v in os.environ.items() if k != alertmanager_config.WEBHOOK_ENV}
+    if webhook is not None:
+        env[alertmanager_config.WEBHOOK_ENV] = webhook
+    result = subprocess.run(
+        [".venv/bin/python" if (ROOT / ".venv/bin/python").exists() else "python3", "-m",
+         "exporter.alertmanager_config", "--source", str(source), "--output", str(output),
+         "--templates-dir", args["--templates-dir"], "--secrets-dir", str(secret_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return output, result.stderr
+
+
+def posix_parent(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def test_alertmanager_reads_what_alertmanager_config_renders(services: dict[str, Any]) -> None:
+    render, am = services["alertmanager-config"], services["alertmanager"]
+    assert am["depends_on"]["alertmanager-config"] == {
+        "condition": "service_completed_successfully"}
+    # The rendered file lands in a named volume that Alertmanager mounts read-only where its
+    # --config.file points.
+    command = [str(a) for a in render["command"]]
+    output = command[command.index("--output") + 1]
+    volume = next(v.split(":") for v in render["volumes"] if v.startswith("alertmanager-config:"))
+    assert output == volume[1] + "/alertmanager.yml"
+    am_volume = next(v.split(":") for v in am["volumes"] if v.startswith("alertmanager-config:"))
+    assert am_volume[2] == "ro"
+    assert command_flags(am)["config.file"] == am_volume[1] + "/alertmanager.yml"
+    # Templates resolve where Alertmanager mounts them.
+    templates_dir = command[command.index("--templates-dir") + 1]
+    mounts = dict((dst, src) for src, dst in bind_mounts(am))
+    assert mounts[templates_dir + "/templates"] == "./alertmanager/templates"
+    # Both see the secrets at the paths alertmanager.yml names.
+    glob = load(ROOT / "alertmanager" / "alertmanager.yml")["global"]
+    for service in (render, am):
+        targets = {s["target"] for s in service["secrets"]}
+        for key in ("slack_api_url_file", "smtp_auth_password_file"):
+            assert glob[key] in targets, (key, service["command"])
+    assert render["environment"][alertmanager_config.WEBHOOK_ENV] == "${AICRM_WEBHOOK_URL:-}"
+
+
+@pytest.mark.parametrize(
+    ("secrets", "webhook", "integrations"),
+    [
+        # docs/deploy.md's .env with the optional values left empty.
+        ({"slack_webhook_url": "", "smtp_password": ""}, None, set()),
+        ({"slack_webhook_url": "\n", "smtp_password": ""}, "http://hooks:8080/alerts",
+         {"webhook_configs"}),
+        ({"slack_webhook_url": "https://hooks.example.com/x\n", "smtp_password": ""}, None,
+         {"slack_configs"}),
+        ({"slack_webhook_url": "https://hooks.example.com/x", "smtp_password": "pw"},
+         "https://hooks.example.com/alerts",
+         {"slack_configs", "email_configs", "webhook_configs"}),
+    ],
+)
+def test_rendered_alertmanager_config_passes_amtool(
+    services: dict[str, Any], tmp_path: Path, secrets: dict[str, str], webhook: str | None,
+    integrations: set[str],
+) -> None:
     amtool = require_binary("amtool")
-    mounts = dict((dst, src) for src, dst in bind_mounts(services["alertmanager"]))
-    config = ROOT / mounts["/etc/alertmanager/alertmanager.yml"]
+    config, output = _render_as_compose(services, tmp_path, secrets, webhook)
     result = subprocess.run(
         [amtool, "check-config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    # The secret files alertmanager.yml reads are provided by compose secrets.
-    glob = load(config)["global"]
-    targets = {s["target"] for s in services["alertmanager"]["secrets"]}
-    for key in ("slack_api_url_file", "smtp_auth_password_file"):
-        if key in glob:
-            assert glob[key] in targets, key
+    cfg = load(config)
+    used = {k for r in cfg["receivers"] for k in r if k.endswith("_configs")}
+    assert used == integrations
+    hooks = {h["url"] for r in cfg["receivers"] for h in r.get("webhook_configs", [])}
+    assert hooks == ({webhook} if webhook else set())
+    # Nothing secret is copied into the rendered file, only the paths to read it from.
+    text = config.read_text()
+    for value in secrets.values():
+        assert not value.strip() or value.strip() not in text
+    assert cfg["templates"] == ["/etc/alertmanager/templates/*.tmpl"]
+    if not integrations:
+        assert "notify no one" in output
 
 
 def test_grafana_provisioning(services: dict[str, Any]) -> None:
@@ -275,7 +395,8 @@ def test_dockerfile() -> None:
     ]
     keywords = [i[0] for i in instructions]
     froms = [i[1] for i in instructions if i[0] == "FROM"]
-    assert froms == ["python:3.12-slim"]
+    # A patch release (and Debian release): a floating tag rebuilds onto another interpreter.
+    assert len(froms) == 1 and re.fullmatch(r"python:3\.12\.\d+-slim-\w+", froms[0]), froms
     users = [i[1].strip() for i in instructions if i[0] == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert "HEALTHCHECK" in keywords
@@ -283,3 +404,25 @@ def test_dockerfile() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", ".git", "data", ".env"):
         assert path in ignored
+
+
+def test_redis_is_shared_by_the_api_workers(services: dict[str, Any]) -> None:
+    """gunicorn runs 4 workers: without Redis every worker keeps its own rate-limit windows and
+    cache, so a client gets 4 times its limit and cached answers miss 3 times in 4."""
+    api, redis = services["api"], services["redis"]
+    (var,) = [v for v, (section, key) in ENV_OVERRIDES.items() if (section, key) == (
+        "api", "redis_url")]
+    assert api["environment"][var] == "redis://redis:6379/0"
+    assert api["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis  # only the API talks to it, inside the compose network
+    assert "profiles" not in redis
+
+
+def test_images_are_pinned(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        image = service["image"]
+        if image.startswith("aicrm-analytics:"):
+            continue  # built here from the Dockerfile (test_dockerfile)
+        tag = image.rsplit(":", 1)[1] if ":" in image else "latest"
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -181,6 +182,12 @@ def test_run_sh_starts_the_stack_and_stops_it_cleanly(stack: Stack) -> None:
         for log in (stack.data / "logs").glob("*.log"):
             assert secret not in log.read_text(errors="replace"), log
 
+    # Alertmanager runs the rendered configuration: no AICRM_WEBHOOK_URL and no secret files
+    # here, so no integration that could only fail (docs/deploy.md#where-notifications-go).
+    rendered = (stack.data / "run" / "alertmanager.yml").read_text()
+    assert "127.0.0.1:5001" not in rendered and "_configs" not in rendered
+    assert "run: alertmanager: webhooks left out: AICRM_WEBHOOK_URL is not set" in stack.output
+
     # Every health endpoint answers.
     health = {
         "exporter": "/healthz",
@@ -285,3 +292,31 @@ def test_run_sh_names_what_is_missing_off_debian(tmp_path: Path) -> None:
     assert "missing: prometheus alertmanager" in result.stderr
     assert "docker compose" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.integration
+def test_run_sh_names_the_system_service_holding_a_port(tmp_path: Path) -> None:
+    """Debian's prometheus package starts a prometheus service on the stack's port: run.sh
+    stops with the command that frees the port, rather than a bare "port in use"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    systemctl = bin_dir / "systemctl"
+    systemctl.write_text('#!/bin/sh\n[ "$*" = "is-active --quiet prometheus" ]\n')
+    systemctl.chmod(0o755)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "AICRM_DATA_DIR": str(tmp_path / "data"),
+            "AICRM_PROMETHEUS_PORT": str(held.getsockname()[1]),
+            **{f"AICRM_{n.upper()}_PORT": str(free_port()) for n in ("exporter", "api",
+                                                                     "alertmanager")},
+        }
+        result = subprocess.run([str(RUN_SH)], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "sudo systemctl disable --now prometheus" in result.stderr
+    assert "AICRM_PROMETHEUS_PORT" in result.stderr
+    assert "alertmanager port" not in result.stderr

@@ -152,3 +152,12 @@ def _group_gone(pgid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_postgres_bin_is_the_newest_major_installed(tmp_path: Path) -> None:
+    for version in ("9", "15", "17", "devel"):
+        (tmp_path / version / "bin").mkdir(parents=True)
+        (tmp_path / version / "bin" / "postgres").touch()
+    (tmp_path / "18" / "bin").mkdir(parents=True)  # a leftover directory without the server
+    assert servers._newest_postgres_bin(tmp_path) == tmp_path / "17" / "bin"
+    assert servers._newest_postgres_bin(tmp_path / "none").name == "bin"
