@@ -1,5 +1,6 @@
 """GET /executive-dashboard: the business overview, KPIs against the previous window,
-scores, firing alerts and the optimisation recommendations the alert rules raise."""
+scores, user interactions, firing alerts and the optimisation recommendations the alert rules
+raise."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, request
+
+from exporter import catalog
 
 from . import queries, validation
 from .common import Services, cached, envelope, first, json_response, services
@@ -18,6 +21,8 @@ DEFAULT_WINDOW = "1d"
 PARAMETERS = frozenset({"window"})
 SEVERITY_ORDER = {"page": 0, "critical": 0, "warning": 1, "ticket": 2, "info": 3}
 RECOMMENDATION = "recommendation"
+PIPELINE = "none"
+"""Severity of alerts that only prove the alerting pipeline works (AicrmWatchdog)."""
 
 
 def _change(fields: dict[str, list[Sample]], name: str, unit: str) -> dict[str, Any]:
@@ -26,6 +31,22 @@ def _change(fields: dict[str, list[Sample]], name: str, unit: str) -> dict[str, 
 
     return {"value": v("value"), "unit": unit, "previous": v("previous"),
             "change": v("change"), "change_ratio": v("change_ratio")}
+
+
+def _users(fields: dict[str, list[Sample]]) -> dict[str, Any]:
+    """Every interaction type and active-user window, null where there is no data."""
+    def values(name: str, label: str) -> dict[str, float | None]:
+        return {s.labels.get(label, ""): s.value for s in fields.get(name, ())}
+
+    by_type = values("users.by_type", "type")
+    active = values("users.active_users", "window")
+    return {
+        **{name: _change(fields, f"users.{name}", unit) for name, unit in queries.USERS.items()},
+        "interactions_by_type": {t: {"value": by_type.get(t), "unit": "interactions"}
+                                 for t in catalog.INTERACTION_TYPES},
+        "active_users": {w: {"value": active.get(w), "unit": "users"}
+                         for w in catalog.ACTIVE_USER_WINDOWS},
+    }
 
 
 def _components(samples: list[Sample] | None) -> dict[str, Any]:
@@ -53,6 +74,8 @@ def _alerts(svc: Services, now: float) -> list[dict[str, Any]]:
     alerts = []
     for a in out:
         labels = a["labels"]
+        if labels.get("severity") == PIPELINE:
+            continue  # AicrmWatchdog: always firing, for a dead man's switch, not a problem
         ann = a["annotations"]
         alerts.append({
             "name": labels.get("alertname", ""),
@@ -90,6 +113,7 @@ def executive_dashboard() -> Response:
                    "components": _components(fields.get(f"component.{name}"))}
             for name in ("workflow_efficiency", "system_health")
         },
+        "users": _users(fields),
         "alerts": [a for a in alerts if a["severity"] != RECOMMENDATION],
         "recommendations": [a for a in alerts if a["severity"] == RECOMMENDATION],
     }

@@ -7,6 +7,7 @@ import functools
 import json
 from typing import Any
 
+from exporter import catalog
 from exporter.config import LABEL_VALUE_RE
 
 from . import agents, executive, queries, tasks, validation
@@ -118,6 +119,16 @@ def build() -> dict[str, Any]:
     })
     score = {"allOf": [change, _object({"components": {
         "type": "object", "additionalProperties": _ref("Quantity")}})]}
+    users = _object({
+        **{name: change for name in queries.USERS},
+        "interactions_by_type": _object({t: _ref("Quantity")
+                                         for t in catalog.INTERACTION_TYPES}),
+        "active_users": _object({w: _ref("Quantity") for w in catalog.ACTIVE_USER_WINDOWS}),
+    })
+    users["description"] = (
+        "User interactions over the window (approval_ratio: approvals / (approvals + "
+        "rejections)), against the window before it; distinct active users now, by trailing "
+        "window.")
     alert = _object({
         "name": {"type": "string"},
         "severity": {"type": "string"},
@@ -187,6 +198,7 @@ def build() -> dict[str, Any]:
                 "responses": {"200": _ok(_envelope(_object({
                     "kpis": _object({k: change for k in queries.KPIS}),
                     "scores": _object({"workflow_efficiency": score, "system_health": score}),
+                    "users": users,
                     "alerts": {"type": "array", "items": alert},
                     "recommendations": {"type": "array", "items": alert},
                 })), "KPIs against the previous window."),

@@ -157,6 +157,11 @@ G_SPEND = Recorded({"5m": "global:aicrm_agent_cost_usd:rate5m",
                     "1d": "global:aicrm_agent_cost_usd:rate1d"})
 G_SAVED = Recorded({"1h": "global:aicrm_task_human_seconds_saved:rate1h",
                     "1d": "global:aicrm_task_human_seconds_saved:rate1d"})
+G_INTERACTIONS = Recorded({"5m": "global:aicrm_user_interactions:rate5m",
+                           "1h": "global:aicrm_user_interactions:rate1h"})
+TYPE_INTERACTIONS = Recorded({"5m": "type:aicrm_user_interactions:rate5m",
+                              "1h": "type:aicrm_user_interactions:rate1h"})
+ACTIVE_USERS = "window:aicrm_active_users:max"
 EFFICIENCY_SCORE = "global:aicrm_workflow_efficiency:score1h"
 EFFICIENCY_COMPONENTS = "global:aicrm_workflow_efficiency_component:ratio1h"
 HEALTH_SCORE = "global:aicrm_system_health:score"
@@ -318,11 +323,34 @@ def _changes(q: Query, name: str, current: str, previous: str) -> None:
     q.add(f"{name}.change_ratio", f"(({current}) - ({previous})) / (({previous}) != 0)")
 
 
+USERS: dict[str, str] = {"interactions": "interactions", "approval_ratio": "ratio"}
+"""The users block's numbers compared with the previous window, and their units."""
+
+
+def _users(name: str, window: int, offset: int) -> str:
+    if name == "interactions":
+        return f"{G_INTERACTIONS.mean(window, (), offset)} * {window}"
+    if name == "approval_ratio":
+        def total(types: str) -> str:
+            """Interactions/s whose type matches ``types``, a label matcher."""
+            return f"sum ({TYPE_INTERACTIONS.mean(window, [types], offset)})"
+
+        decisions = total(matcher("type", "approval|rejection", "=~"))
+        approvals = _or_zero(total(matcher("type", "approval")), decisions)
+        return f"{approvals} / ({decisions} > 0)"
+    raise KeyError(name)
+
+
 def executive(window: int) -> Query:
-    """KPIs over the window against the window before it; scores now against W ago."""
+    """KPIs over the window against the window before it; scores now against W ago; user
+    interactions over the window and active users now."""
     q = Query()
     for name in KPIS:
         _changes(q, f"kpi.{name}", _kpi(name, window, 0), _kpi(name, window, window))
+    for name in USERS:
+        _changes(q, f"users.{name}", _users(name, window, 0), _users(name, window, window))
+    q.add("users.by_type", f"sum by (type) ({TYPE_INTERACTIONS.mean(window)}) * {window}")
+    q.add("users.active_users", ACTIVE_USERS)
     for name, series in (("workflow_efficiency", EFFICIENCY_SCORE),
                          ("system_health", HEALTH_SCORE)):
         _changes(q, f"score.{name}", series, f"{series} offset {duration(window)}")

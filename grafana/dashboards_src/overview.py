@@ -1,4 +1,4 @@
-"""System Overview: is the stack healthy and is work flowing, at a glance."""
+"""System Overview: is the stack healthy, is work flowing and are users engaging, at a glance."""
 
 from __future__ import annotations
 
@@ -53,21 +53,66 @@ def exporters_up() -> stat.Panel:
 def firing_alerts() -> stat.Panel:
     return c.stat_panel(
         "Firing alerts",
-        "Alerts firing now (recommendations excluded); they also show as red annotations.",
+        "Alerts firing now (recommendations and the always-firing AicrmWatchdog excluded); "
+        "they also show as red annotations.",
         c.COUNT,
-        [c.query('count(ALERTS{alertstate="firing", severity!="recommendation"}) or vector(0)',
-                 "firing")],
-        width=3,
+        [c.query('count(ALERTS{alertstate="firing", severity!~"recommendation|none"})'
+                 " or vector(0)", "firing")],
+    )
+
+
+def interactions_by_type() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "User interactions",
+        "Interactions of users with agents per second, by type: messages, approvals and "
+        "rejections of what agents proposed, feedback, escalations to a human (5m, stacked).",
+        c.OPS,
+        [c.query("type:aicrm_user_interactions:rate5m", "{{type}}")],
+        width=9,
+        stack=True,
+    )
+
+
+def approval_ratio() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "Approval ratio",
+        "Approvals / (approvals + rejections) of what agents proposed, over all channels and by "
+        "channel (1h); no value where users made no decision in the hour.",
+        c.RATIO,
+        [
+            c.query("global:aicrm_user_interactions:approval_ratio_rate1h", "all channels"),
+            c.query("channel:aicrm_user_interactions:approval_ratio_rate1h", "{{channel}}", "B"),
+        ],
+        width=9,
+        min_val=0,
+        max_val=1,
     )
 
 
 def active_users() -> stat.Panel:
     return c.stat_panel(
         "Active users",
-        "Distinct users who interacted with agents in the last hour and day.",
+        "Distinct users who interacted with agents in the last hour and day (with several "
+        "exporter shards, the largest shard's count).",
         c.COUNT,
-        [c.query("max by (window) (aicrm_active_users)", "{{window}}")],
+        [c.query("window:aicrm_active_users:max", "{{window}}")],
         width=3,
+        height=8,
+    )
+
+
+def user_rating() -> stat.Panel:
+    return c.stat_panel(
+        "User rating",
+        "Mean 1-5 rating users gave agents, all agents together (1h); by agent on Agent "
+        "Performance.",
+        c.FACTOR,
+        [c.query("global:aicrm_user_feedback_rating:mean1h", "mean rating")],
+        width=3,
+        height=8,
+        color=model.FieldColorModeId.CONTINUOUS_RD_YL_GR,
+        min_val=1,
+        max_val=5,
     )
 
 
@@ -202,7 +247,7 @@ def build() -> model.Dashboard:
     builder = c.add_row(
         builder,
         "Health",
-        [health_score(), health_components(), exporters_up(), firing_alerts(), active_users()],
+        [health_score(), health_components(), exporters_up(), firing_alerts()],
     )
     builder = c.add_row(
         builder,
@@ -211,5 +256,8 @@ def build() -> model.Dashboard:
     )
     builder = c.add_row(
         builder, "Sources", [sources_up(), events_rate(), rejected_ratio(), source_lag()]
+    )
+    builder = c.add_row(
+        builder, "Users", [interactions_by_type(), approval_ratio(), active_users(), user_rating()]
     )
     return c.finish(builder)

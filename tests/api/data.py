@@ -71,10 +71,20 @@ INTEGRATIONS = [
     ({"platform": "salesforce", "operation": "query", "status_class": "2xx"}, 0.9),
     ({"platform": "salesforce", "operation": "query", "status_class": "5xx"}, 0.1),
 ]
+INTERACTIONS = [
+    ({"channel": "web", "type": "message"}, 1.0),
+    ({"channel": "web", "type": "approval"}, 0.3),
+    ({"channel": "email", "type": "approval"}, 0.1),
+    ({"channel": "web", "type": "rejection"}, 0.1),
+    ({"channel": "slack", "type": "feedback"}, 0.05),
+    ({"channel": "slack", "type": "escalation"}, 0.05),
+]
 GAUGES: list[tuple[str, dict[str, str], float]] = [
     (c.TASKS_OPEN.name, {"task_type": "qualify_lead", "status": "queued"}, 100.0),
     (c.TASKS_OPEN.name, {"task_type": "write_email", "status": "queued"}, 150.0),
     (c.SOURCE_UP.name, {"source": "agent-logs"}, 1.0),
+    (c.ACTIVE_USERS.name, {"window": "1h"}, 25.0),
+    (c.ACTIVE_USERS.name, {"window": "24h"}, 120.0),
 ]
 CONFIG_GAUGES = (c.THRESHOLD.name, c.OBJECTIVE.name, c.SCORE_WEIGHT.name,
                  c.TASK_HUMAN_SECONDS_SAVED.name, c.AGENT_INFO.name)
@@ -89,6 +99,9 @@ PREVIOUS = {
     "global:aicrm_task_human_seconds_saved:rate1h": 315.0,
     "global:aicrm_workflow_efficiency:score1h": 80.0,
     "global:aicrm_system_health:score": 40.0,
+    "global:aicrm_user_interactions:rate1h": 0.8,
+    'type:aicrm_user_interactions:rate1h{type="approval"}': 0.2,
+    'type:aicrm_user_interactions:rate1h{type="rejection"}': 0.2,
 }
 
 
@@ -124,6 +137,7 @@ def families(extra_labels: str) -> Iterator[tuple[str, str, list[tuple[str, floa
     counters = [
         (c.TASKS, TASKS), (c.AGENT_TASK_RESULTS, RESULTS), (c.AGENT_RETRIES, RETRIES),
         (c.AGENT_COST, COST), (c.INTEGRATION_REQUESTS, INTEGRATIONS),
+        (c.USER_INTERACTIONS, INTERACTIONS),
     ]
     for spec, rows in counters:
         yield spec.base_name, "counter", [
@@ -181,13 +195,17 @@ def write_openmetrics(path: Path, start: float, end: float, step: float, job: st
 
 
 def write_previous(path: Path, start: float, end: float, step: float) -> None:
+    by_family: dict[str, list[tuple[str, float]]] = {}
+    for name, v in PREVIOUS.items():
+        by_family.setdefault(name.split("{", 1)[0], []).append((name, v))
     with open(path, "a") as out:
-        for name, v in PREVIOUS.items():
-            out.write(f"# TYPE {name} gauge\n")
-            t = start
-            while t <= end:
-                out.write(f"{name} {v!r} {t:.3f}\n")
-                t += step
+        for family, series in by_family.items():
+            out.write(f"# TYPE {family} gauge\n")
+            for name, v in series:
+                t = start
+                while t <= end:
+                    out.write(f"{name} {v!r} {t:.3f}\n")
+                    t += step
 
 
 def finish(path: Path) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import requests
 
-from tests.api.conftest import AUTH
+from tests.api.conftest import AUTH, KnownPrometheus
 
 
 def approx(x: float) -> Any:
@@ -140,7 +141,7 @@ def test_agent_performance_one_agent_other_window(client: Any) -> None:
     assert r.json["filters"] == {"agent": "lead-qualifier"}
 
 
-def test_executive_dashboard(client: Any) -> None:
+def test_executive_dashboard(client: Any, known_prometheus: KnownPrometheus) -> None:
     r = client.get("/executive-dashboard?window=1h", headers=AUTH)
     assert r.status_code == 200, r.json
     data = r.json["data"]
@@ -181,12 +182,34 @@ def test_executive_dashboard(client: Any) -> None:
     health = data["scores"]["system_health"]
     assert health["value"] == approx(55) and health["previous"] == approx(40)
     assert health["change_ratio"] == approx(15 / 40)
+    # Users now: 1.6 interactions/s, approvals 0.3 + 0.1 = 0.4/s against 0.1/s rejections; the
+    # hour before: 0.8/s, approvals 0.2/s and rejections 0.2/s.
+    users = data["users"]
+    assert {k: v for k, v in users["interactions"].items() if k != "unit"} == {
+        "value": approx(5760), "previous": approx(2880), "change": approx(2880),
+        "change_ratio": approx(1.0)}
+    assert {k: v for k, v in users["approval_ratio"].items() if k != "unit"} == {
+        "value": approx(0.8), "previous": approx(0.5), "change": approx(0.3),
+        "change_ratio": approx(0.6)}
+    assert (users["interactions"]["unit"], users["approval_ratio"]["unit"]) == (
+        "interactions", "ratio")
+    assert values(users["interactions_by_type"]) == {
+        "message": approx(3600), "approval": approx(1440), "rejection": approx(360),
+        "feedback": approx(180), "escalation": approx(180)}
+    assert users["active_users"] == {"1h": {"value": 25, "unit": "users"},
+                                     "24h": {"value": 120, "unit": "users"}}
     firing = {(a["name"], tuple(sorted(a["labels"].items()))) for a in data["alerts"]}
     assert ("AicrmAgentSuccessBelowObjective",
             (("agent", "email-writer"), ("team", "marketing"))) in firing
     assert ("AicrmIntegrationErrorRatioHigh", (("platform", "salesforce"),)) in firing
     assert all(a["severity"] != "recommendation" for a in data["alerts"])
+    # The always-firing AicrmWatchdog is no problem to report, though Prometheus has it firing.
+    backend = requests.get(f"{known_prometheus.url}/api/v1/alerts", timeout=10).json()
+    assert any(a["labels"]["alertname"] == "AicrmWatchdog" and a["state"] == "firing"
+               for a in backend["data"]["alerts"])
+    assert all(a["name"] != "AicrmWatchdog" for a in data["alerts"] + data["recommendations"])
     route = [a for a in data["recommendations"] if a["name"] == "AicrmRecommendRouteTaskType"]
     assert len(route) == 1
-    assert route[0]["labels"] == {"agent": "lead-qualifier", "task_type": "qualify_lead"}
+    assert route[0]["labels"] == {"agent": "lead-qualifier", "task_type": "qualify_lead",
+                                  "team": "sales-ops"}  # joined from aicrm_agent_info
     assert route[0]["summary"].startswith("Route qualify_lead tasks to lead-qualifier")
