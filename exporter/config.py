@@ -132,6 +132,12 @@ class Thresholds(_Model):
     rejected_events_ratio_max: Ratio = 0.01
     cost_per_successful_task_max_usd: NonNegativeFloat = 1.0
     anomaly_zscore_max: PositiveFloat = 3.0
+    llm_error_ratio_max: Ratio = 0.05
+    tool_failure_ratio_max: Ratio = 0.1
+    escalation_ratio_max: Ratio = 0.2
+    daily_spend_max_usd: NonNegativeFloat = 0
+    """Model spend budget per day; 0 (the default) sets none and AicrmSpendForecastOverBudget
+    never fires."""
 
 
 # The components recording_rules/scores.rules.yml computes; a weight for any other name would

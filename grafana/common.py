@@ -423,11 +423,12 @@ class PrometheusAnnotation(cogbuilder.Builder[model.AnnotationQuery]):
 
 
 def firing_alerts(matchers: str = "") -> PrometheusAnnotation:
-    """Firing alerts (not recommendations) of this view, as annotations on every graph."""
+    """Firing alerts (not recommendations, nor the always-firing AicrmWatchdog) of this view,
+    as annotations on every graph."""
     extra = f", {matchers}" if matchers else ""
     return PrometheusAnnotation(
         "Firing alerts",
-        f'ALERTS{{alertstate="firing", severity!="recommendation"{extra}}}',
+        f'ALERTS{{alertstate="firing", severity!~"recommendation|none"{extra}}}',
         "{{alertname}}",
         "severity,agent,task_type,platform,source",
         "red",

@@ -28,6 +28,9 @@ def test_defaults_fill_optional_sections() -> None:
     assert cfg.sources.event_logs == () and cfg.sources.task_db is None
     assert not cfg.sources.push.enabled
     assert cfg.thresholds.agent_success_ratio_min == 0.9
+    assert (cfg.thresholds.llm_error_ratio_max, cfg.thresholds.tool_failure_ratio_max,
+            cfg.thresholds.escalation_ratio_max) == (0.05, 0.1, 0.2)
+    assert cfg.thresholds.daily_spend_max_usd == 0  # no budget: the spend alert never fires
     assert cfg.exporter.listen == "127.0.0.1:9464"
     # The links alerts fall back to when no exporter publishes aicrm_link_info.
     assert cfg.links.grafana_url == "http://localhost:3000"
@@ -72,6 +75,14 @@ def _set(d: dict, path: str, value: object) -> dict:
         ("thresholds.agent_success_ratio_min", 2, "thresholds.agent_success_ratio_min",
          "less than or equal to 1"),
         ("thresholds.typo_ratio", 0.5, "thresholds.typo_ratio", "Extra inputs are not permitted"),
+        ("thresholds.llm_error_ratio_max", 1.5, "thresholds.llm_error_ratio_max",
+         "less than or equal to 1"),
+        ("thresholds.tool_failure_ratio_max", -0.1, "thresholds.tool_failure_ratio_max",
+         "greater than or equal to 0"),
+        ("thresholds.escalation_ratio_max", 2, "thresholds.escalation_ratio_max",
+         "less than or equal to 1"),
+        ("thresholds.daily_spend_max_usd", -5, "thresholds.daily_spend_max_usd",
+         "greater than or equal to 0"),
         ("exporter.listen", "nowhere", "exporter.listen", "expected 'host:port'"),
         ("exporter.listen", "[::1:9464", "exporter.listen", "expected 'host:port'"),
         ("exporter.listen", "a:b:9464", "exporter.listen", "'[IPv6 address]:port'"),

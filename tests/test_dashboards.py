@@ -309,6 +309,18 @@ def test_alert_links_point_at_dashboards_and_their_variables() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_open_recommendations_select_every_recommendation_rule() -> None:
+    """A new recommendation rule shows on the executive view without a dashboard change: the
+    table selects by severity, never by rule name, and hides no label but the alert's own."""
+    (panel,) = (p for p in panels(DASHBOARDS["executive"]) if p["title"] == "Open recommendations")
+    (expr,) = (t["expr"] for t in panel["targets"])
+    assert re.fullmatch(r'ALERTS\{alertstate="firing", severity="recommendation"\}', expr)
+    assert not any(t["id"] == "filterFieldsByName" for t in panel["transformations"])
+    (organize,) = (t["options"] for t in panel["transformations"] if t["id"] == "organize")
+    assert set(organize["excludeByName"]) == {"Time", "Value", "__name__", "alertstate",
+                                              "severity"}
+
+
 # --- Real Prometheus -------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ ratios, which would weigh a quiet hour as much as a busy one.
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import bargauge, stat, table, timeseries
+from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 
@@ -162,27 +163,39 @@ def cost_per_task() -> stat.Panel:
     )
 
 
-RECOMMENDATIONS = (
-    'label_replace(label_join(ALERTS{alertname="AicrmRecommendRouteTaskType", '
-    'alertstate="firing"}, "subject", ";", "task_type", "agent"), '
-    '"action", "Route $1 tasks to agent $2", "subject", "(.*);(.*)")'
-    " or "
-    'label_replace(label_join(ALERTS{alertname="AicrmRecommendCheaperModel", '
-    'alertstate="firing"}, "subject", ";", "agent", "model", "cheaper_model"), '
-    '"action", "Move agent $1 from $2 to $3", "subject", "(.*);(.*);(.*)")'
-)
+# Every recommendation, whatever its rule: a new rule shows here without a dashboard change.
+RECOMMENDATIONS = 'ALERTS{alertstate="firing", severity="recommendation"}'
+# Columns of the ALERTS series that say nothing about the recommendation; every other label
+# (team, agent, task_type, platform, model, ...) is a column, the rule's name first.
+RECOMMENDATION_NOISE = ("Time", "Value", "__name__", "alertstate", "severity")
 
 
 def recommendations() -> table.Panel:
-    return c.table_panel(
-        "Open recommendations",
-        "Optimisations the rules found and that have held for an hour; each is explained in "
-        "docs/runbooks.md under its rule name.",
-        c.COUNT,
-        [c.table_query(RECOMMENDATIONS)],
-        keep=["action", "alertname"],
-        width=24,
-        height=6,
+    return (
+        table.Panel()
+        .title("Open recommendations")
+        .description(
+            "Optimisations the rules found and that have held for an hour, one row each, with "
+            "the labels that say what to change; each rule is explained in docs/runbooks.md "
+            "under its name."
+        )
+        .datasource(c.DATASOURCE)
+        .unit(c.COUNT)
+        .span(24)
+        .height(6)
+        .targets([c.table_query(RECOMMENDATIONS)])
+        .with_transformation(model.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            model.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": dict.fromkeys(RECOMMENDATION_NOISE, True),
+                    "indexByName": {"alertname": 0, "team": 1},
+                    "renameByName": {"alertname": "recommendation"},
+                },
+            )
+        )
+        .sort_by([common_builders.TableSortByFieldState().display_name("recommendation")])
     )
 
 

@@ -55,8 +55,11 @@ DASHBOARD_UIDS = {
     "aicrm-integrations",
     "aicrm-executive",
 }
-SEVERITIES = {"page", "ticket", "warning", "info", "recommendation"}
+# "none": AicrmWatchdog, the always-firing heartbeat for a dead man's switch (never to people).
+SEVERITIES = {"page", "ticket", "warning", "info", "recommendation", "none"}
 LOCAL_WEBHOOK = "http://127.0.0.1:5001/alerts"
+# Series of the monitoring components themselves that alerts may read (not the exporter's).
+UPSTREAM_SERIES = {"alertmanager_notifications_failed_total"}
 
 
 def _tool(name: str) -> str:
@@ -251,7 +254,7 @@ def _metric_names(expr: str) -> set[str]:
 
 
 def test_expressions_use_only_catalog_or_recorded_series() -> None:
-    known = _catalog_names() | {"up", "ALERTS", "ALERTS_FOR_STATE"}
+    known = _catalog_names() | {"up", "ALERTS", "ALERTS_FOR_STATE"} | UPSTREAM_SERIES
     known |= {r["record"] for _, r in _rules(RECORDING_FILES)}
     unknown = {}
     for path, rule in _rules(RULE_FILES):
@@ -292,7 +295,12 @@ def test_amtool_check_config() -> None:
         (["severity=warning", "team=marketing"], "team"),
         (["severity=warning"], "operations"),
         (["severity=recommendation", "team=sales-ops"], "recommendations"),
+        (["severity=recommendation", "platform=hubspot"], "recommendations"),
         (["severity=info"], "webhook"),
+        (["alertname=AicrmWatchdog", "severity=none"], "watchdog"),
+        (["alertname=AicrmLabelOverflow", "severity=ticket", "label=model"], "operations"),
+        (["alertname=AicrmAgentEscalationRatioHigh", "severity=ticket", "agent=lead-qualifier",
+          "team=sales-ops"], "team"),
     ],
 )
 def test_routing(labels: list[str], receiver: str) -> None:
@@ -301,6 +309,28 @@ def test_routing(labels: list[str], receiver: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == receiver
+
+
+def test_recommendations_are_batched_per_team() -> None:
+    """The recommendation route groups by team, and every recommendation about an agent joins
+    the owning team from aicrm_agent_info (with a fallback for agents without agent_info)."""
+    (route,) = (
+        r for r in _load(ALERTMANAGER_YML)["route"]["routes"]
+        if r.get("matchers") == ['severity="recommendation"']
+    )
+    assert "team" in route["group_by"]
+    for _, rule in _rules(ALERT_FILES):
+        if rule.get("labels", {}).get("severity") != "recommendation":
+            continue
+        per_agent = any(
+            "agent" in name.split(":")[0].split("_") for name in _metric_names(rule["expr"])
+        )
+        joined = re.search(
+            r"\* on \(agent\) group_left \(team\) max by \(agent, team\) \(aicrm_agent_info\)"
+            r"\s+or on \(agent\)",
+            rule["expr"],
+        )
+        assert joined or not per_agent, f"{rule['alert']}: per agent but no team"
 
 
 def test_no_secrets_in_alertmanager_config() -> None:
@@ -435,6 +465,11 @@ _SHARD_A = {"alertname": "AicrmExporterDown", "severity": "page", "job": "aicrm-
             "instance": "a"}
 _SHARD_B = {**_SHARD_A, "instance": "b"}
 _JOB_DOWN = {"alertname": "AicrmExporterJobDown", "severity": "page", "job": "aicrm-exporter"}
+_WATCHDOG = {"alertname": "AicrmWatchdog", "severity": "none"}
+_LLM = {"alertname": "AicrmLlmErrorRatioHigh", "severity": "warning", "model": "gpt-4o"}
+_TOOL = {"alertname": "AicrmToolFailureRatioHigh", "severity": "warning", "tool": "crm.update"}
+_SPEND = {"alertname": "AicrmSpendForecastOverBudget", "severity": "warning"}
+_OVERFLOW = {"alertname": "AicrmLabelOverflow", "severity": "ticket", "label": "model"}
 
 
 @pytest.mark.integration
@@ -445,10 +480,12 @@ _JOB_DOWN = {"alertname": "AicrmExporterJobDown", "severity": "page", "job": "ai
         # tickets, never a page: the burn may come from events of a healthy source.
         (
             [{"alertname": "AicrmSourceDown", "severity": "ticket", "source": "push"},
-             _BURN_PAGE, _BURN_TICKET, _BELOW, _INTEGRATION, _TASK_WAIT],
+             _BURN_PAGE, _BURN_TICKET, _BELOW, _INTEGRATION, _TASK_WAIT, _LLM, _TOOL, _SPEND,
+             _OVERFLOW, _WATCHDOG],
             {"AicrmAgentErrorBudgetBurn/email-writer/ticket",
              "AicrmAgentSuccessBelowObjective/email-writer/warning",
-             "AicrmIntegrationErrorRatioHigh"},
+             "AicrmIntegrationErrorRatioHigh", "AicrmLlmErrorRatioHigh",
+             "AicrmToolFailureRatioHigh", "AicrmSpendForecastOverBudget"},
         ),
         # The task database down holds back task alerts only.
         (
@@ -463,12 +500,15 @@ _JOB_DOWN = {"alertname": "AicrmExporterJobDown", "severity": "page", "job": "ai
             set(),
         ),
         # Every shard down: one page (the job's); everything derived and the shards' pages wait.
+        # The watchdog is never held back: it must reach its dead man's switch.
         (
             [_JOB_DOWN, _SHARD_A, _SHARD_B, _BURN_PAGE, _BELOW, _TASK_WAIT, _INTEGRATION,
-             {"alertname": "AicrmSourceDown", "severity": "ticket", "source": "push"}],
+             {"alertname": "AicrmSourceDown", "severity": "ticket", "source": "push"},
+             _LLM, _TOOL, _SPEND, _OVERFLOW, _WATCHDOG],
             {"AicrmExporterDown", "AicrmAgentErrorBudgetBurn/lead-qualifier/page",
              "AicrmAgentSuccessBelowObjective/email-writer/warning", "AicrmTaskWaitHigh",
-             "AicrmIntegrationErrorRatioHigh", "AicrmSourceDown"},
+             "AicrmIntegrationErrorRatioHigh", "AicrmSourceDown", "AicrmLlmErrorRatioHigh",
+             "AicrmToolFailureRatioHigh", "AicrmSpendForecastOverBudget", "AicrmLabelOverflow"},
         ),
     ],
     ids=["event-source-down", "task-db-down", "one-shard-down", "exporter-job-down"],
