@@ -246,7 +246,31 @@ def task_completion(window: int, task_type: str | None, agent: str | None) -> Qu
                 f"histogram_quantile({quantile}, {_sum(by_le, buckets.mean(window, m))})"
                 f" and on ({by}) ({observed} > 0)",
             )
+    _backlog(q, task_type)
     return q
+
+
+OPEN_TASKS = "task_type_status:aicrm_tasks_open:sum"
+OLDEST_OPEN = "task_type:aicrm_task_oldest_open_age_seconds:max"
+WAIT_P95 = "task_type:aicrm_task_wait_seconds:p95_rate5m"
+WAIT_BUCKETS = "task_type_le:aicrm_task_wait_seconds_bucket:rate5m"
+
+
+def _backlog(q: Query, task_type: str | None) -> None:
+    """The queue now (not over the window): queued and running tasks, the oldest open task's
+    age, the 95th percentile wait of the last 5 minutes. Open tasks have no agent yet, so an
+    agent filter does not apply to them."""
+    m = [matcher("task_type", task_type)] if task_type else []
+    for level, by in (("task_type", "task_type"), ("overall", "")):
+        for status in ("queued", "running"):
+            q.add(f"{level}.{status}",
+                  _sum(by, selector(OPEN_TASKS, [*m, matcher("status", status)])))
+        oldest = selector(OLDEST_OPEN, m)
+        q.add(f"{level}.oldest_open_age", f"max by ({by}) ({oldest})" if by else f"max ({oldest})")
+    q.add("task_type.wait_p95", selector(WAIT_P95, m))
+    q.add("overall.wait_p95",
+          f"histogram_quantile(0.95, sum by (le) ({selector(WAIT_BUCKETS, m)}))"
+          f" and on () (sum ({selector(WAIT_BUCKETS, [*m, matcher('le', '+Inf')])}) > 0)")
 
 
 def agent_performance(window: int, agent: str | None) -> Query:

@@ -25,6 +25,11 @@ UNITS = {
     "duration_p50": "s",
     "duration_p95": "s",
     "duration_p99": "s",
+    # The queue now, whatever the window (open tasks have no agent, so not filtered by one).
+    "queued": "tasks",
+    "running": "tasks",
+    "oldest_open_age": "s",
+    "wait_p95": "s",
 }
 
 

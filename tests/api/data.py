@@ -36,6 +36,11 @@ TASK_DURATION = [
     ({"task_type": "qualify_lead", "agent": "lead-qualifier"}, {60: 0.25, 90: 0.25}),
     ({"task_type": "write_email", "agent": "email-writer"}, {15: 0.4}),
 ]
+# Waits by task type only (the tasks table's created -> started).
+TASK_WAIT = [
+    ({"task_type": "qualify_lead"}, {30: 0.5}),
+    ({"task_type": "write_email"}, {120: 0.2}),
+]
 RESULTS = [
     ({"agent": "lead-qualifier", "task_type": "qualify_lead", "outcome": "success"}, 0.96),
     ({"agent": "lead-qualifier", "task_type": "qualify_lead", "outcome": "failure"}, 0.02),
@@ -82,6 +87,10 @@ INTERACTIONS = [
 GAUGES: list[tuple[str, dict[str, str], float]] = [
     (c.TASKS_OPEN.name, {"task_type": "qualify_lead", "status": "queued"}, 100.0),
     (c.TASKS_OPEN.name, {"task_type": "write_email", "status": "queued"}, 150.0),
+    (c.TASKS_OPEN.name, {"task_type": "qualify_lead", "status": "running"}, 4.0),
+    (c.TASKS_OPEN.name, {"task_type": "write_email", "status": "running"}, 6.0),
+    (c.TASK_OLDEST_OPEN_AGE.name, {"task_type": "qualify_lead"}, 600.0),
+    (c.TASK_OLDEST_OPEN_AGE.name, {"task_type": "write_email"}, 1200.0),
     (c.SOURCE_UP.name, {"source": "agent-logs"}, 1.0),
     (c.ACTIVE_USERS.name, {"window": "1h"}, 25.0),
     (c.ACTIVE_USERS.name, {"window": "24h"}, 120.0),
@@ -143,7 +152,8 @@ def families(extra_labels: str) -> Iterator[tuple[str, str, list[tuple[str, floa
         yield spec.base_name, "counter", [
             (spec.name + _join(_fmt(lab), extra_labels), r, True) for lab, r in rows
         ]
-    for spec, hrows in ((c.TASK_DURATION, TASK_DURATION), (c.AGENT_TASK_DURATION, AGENT_DURATION)):
+    for spec, hrows in ((c.TASK_DURATION, TASK_DURATION), (c.AGENT_TASK_DURATION, AGENT_DURATION),
+                        (c.TASK_WAIT, TASK_WAIT)):
         series = []
         for lab, per_bucket in hrows:
             base = _fmt(lab)

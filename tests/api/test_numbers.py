@@ -44,6 +44,9 @@ def test_task_completion_1h(client: Any) -> None:
         "completion_ratio": approx(0.5 / 0.6), "completed": approx(1800), "failed": approx(180),
         "cancelled": approx(180), "terminal": approx(2160), "throughput": approx(0.5),
         "duration_p50": approx(60), "duration_p95": approx(87), "duration_p99": approx(89.4),
+        # The queue now: waits 0.5/s in (10, 30] -> p95 = 10 + 20 * 0.95 = 29.
+        "queued": approx(100), "running": approx(4), "oldest_open_age": approx(600),
+        "wait_p95": approx(29),
     }
     # write_email: completed 0.3/s, failed 0.1/s, none cancelled; durations 0.4/s in (10, 15]:
     #   p50 = 10 + 5 * 0.5 = 12.5, p95 = 14.75, p99 = 14.95.
@@ -51,6 +54,9 @@ def test_task_completion_1h(client: Any) -> None:
         "completion_ratio": approx(0.75), "completed": approx(1080), "failed": approx(360),
         "cancelled": approx(0), "terminal": approx(1440), "throughput": approx(0.3),
         "duration_p50": approx(12.5), "duration_p95": approx(14.75), "duration_p99": approx(14.95),
+        # Waits 0.2/s in (60, 120] -> p95 = 60 + 60 * 0.95 = 117.
+        "queued": approx(150), "running": approx(6), "oldest_open_age": approx(1200),
+        "wait_p95": approx(117),
     }
     # Overall: completed 0.8/s of 1.0/s. Cumulative buckets le=15: 0.4, 30: 0.4, 60: 0.65,
     # 90: 0.9. p50: rank 0.45 -> 30 + 30 * 0.05/0.25 = 36; p95: rank 0.855 -> 60 + 30 * 0.205/0.25
@@ -59,6 +65,9 @@ def test_task_completion_1h(client: Any) -> None:
         "completion_ratio": approx(0.8), "completed": approx(2880), "failed": approx(540),
         "cancelled": approx(180), "terminal": approx(3600), "throughput": approx(0.8),
         "duration_p50": approx(36), "duration_p95": approx(84.6), "duration_p99": approx(88.92),
+        # Waits together: 0.5/s up to 30, 0.7/s up to 120; rank 0.665 -> 60 + 60 * 0.165/0.2.
+        "queued": approx(250), "running": approx(10), "oldest_open_age": approx(1200),
+        "wait_p95": approx(109.5),
     }
     assert body["data"]["overall"]["throughput"]["unit"] == "tasks/s"
     assert body["data"]["overall"]["duration_p95"]["unit"] == "s"
@@ -74,6 +83,9 @@ def test_task_completion_filtered_by_agent_reads_raw_counters(client: Any) -> No
         "completion_ratio": approx(1), "completed": approx(60), "failed": approx(0),
         "cancelled": approx(0), "terminal": approx(60), "throughput": approx(0.1),
         "duration_p50": None, "duration_p95": None, "duration_p99": None,
+        # The queue is not the agent's: open tasks have no agent yet.
+        "queued": approx(100), "running": approx(4), "oldest_open_age": approx(600),
+        "wait_p95": approx(29),
     }
     assert values(types["write_email"])["completed"] == approx(180)
     assert values(types["write_email"])["duration_p95"] == approx(14.75)
