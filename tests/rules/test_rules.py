@@ -301,6 +301,9 @@ def test_amtool_check_config() -> None:
         (["alertname=AicrmLabelOverflow", "severity=ticket", "label=model"], "operations"),
         (["alertname=AicrmAgentEscalationRatioHigh", "severity=ticket", "agent=lead-qualifier",
           "team=sales-ops"], "team"),
+        (["alertname=AicrmTaskErrorBudgetBurn", "severity=page", "task_type=qualify_lead"], "page"),
+        (["alertname=AicrmTaskErrorBudgetBurn", "severity=ticket", "task_type=qualify_lead"],
+         "operations"),
     ],
 )
 def test_routing(labels: list[str], receiver: str) -> None:
@@ -448,6 +451,8 @@ def _suppressed(am: servers.AlertmanagerServer) -> set[str]:
             name = labels["alertname"]
             if "agent" in labels:
                 name += f"/{labels['agent']}/{labels['severity']}"
+            elif "task_type" in labels and labels["alertname"].startswith("AicrmTask"):
+                name += f"/{labels['task_type']}/{labels['severity']}"
             names.add(name)
     return names
 
@@ -459,6 +464,8 @@ _BURN_TICKET = {"alertname": "AicrmAgentErrorBudgetBurn", "severity": "ticket",
 _BELOW = {"alertname": "AicrmAgentSuccessBelowObjective", "severity": "warning",
           "agent": "email-writer", "team": "marketing"}
 _TASK_WAIT = {"alertname": "AicrmTaskWaitHigh", "severity": "warning", "task_type": "qualify_lead"}
+_TASK_BURN_PAGE = {"alertname": "AicrmTaskErrorBudgetBurn", "severity": "page",
+                   "task_type": "qualify_lead"}
 _INTEGRATION = {"alertname": "AicrmIntegrationErrorRatioHigh", "severity": "warning",
                 "platform": "salesforce"}
 _SHARD_A = {"alertname": "AicrmExporterDown", "severity": "page", "job": "aicrm-exporter",
@@ -487,11 +494,11 @@ _OVERFLOW = {"alertname": "AicrmLabelOverflow", "severity": "ticket", "label": "
              "AicrmIntegrationErrorRatioHigh", "AicrmLlmErrorRatioHigh",
              "AicrmToolFailureRatioHigh", "AicrmSpendForecastOverBudget"},
         ),
-        # The task database down holds back task alerts only.
+        # The task database down holds back task alerts only, and never the task burn page.
         (
             [{"alertname": "AicrmSourceDown", "severity": "ticket", "source": "task_db"},
-             _TASK_WAIT, _BELOW, _BURN_PAGE],
-            {"AicrmTaskWaitHigh"},
+             _TASK_WAIT, _BELOW, _BURN_PAGE, _TASK_BURN_PAGE],
+            {"AicrmTaskWaitHigh/qualify_lead/warning"},
         ),
         # One exporter shard of two down: the other's data still arrive; nothing derived is
         # held back (they carry no instance to tie them to the shard).
@@ -506,12 +513,26 @@ _OVERFLOW = {"alertname": "AicrmLabelOverflow", "severity": "ticket", "label": "
              {"alertname": "AicrmSourceDown", "severity": "ticket", "source": "push"},
              _LLM, _TOOL, _SPEND, _OVERFLOW, _WATCHDOG],
             {"AicrmExporterDown", "AicrmAgentErrorBudgetBurn/lead-qualifier/page",
-             "AicrmAgentSuccessBelowObjective/email-writer/warning", "AicrmTaskWaitHigh",
+             "AicrmAgentSuccessBelowObjective/email-writer/warning",
+             "AicrmTaskWaitHigh/qualify_lead/warning",
              "AicrmIntegrationErrorRatioHigh", "AicrmSourceDown", "AicrmLlmErrorRatioHigh",
              "AicrmToolFailureRatioHigh", "AicrmSpendForecastOverBudget", "AicrmLabelOverflow"},
         ),
+        # A task type's completion budget burn pages: its own ticket and below-objective
+        # warning wait, another task type's do not (no agent label: task_type tells them apart).
+        (
+            [_TASK_BURN_PAGE, {**_TASK_BURN_PAGE, "severity": "ticket"},
+             {**_TASK_BURN_PAGE, "severity": "ticket", "task_type": "write_email"},
+             {"alertname": "AicrmTaskCompletionBelowObjective", "severity": "warning",
+              "task_type": "qualify_lead"},
+             {"alertname": "AicrmTaskCompletionBelowObjective", "severity": "warning",
+              "task_type": "write_email"}],
+            {"AicrmTaskErrorBudgetBurn/qualify_lead/ticket",
+             "AicrmTaskCompletionBelowObjective/qualify_lead/warning"},
+        ),
     ],
-    ids=["event-source-down", "task-db-down", "one-shard-down", "exporter-job-down"],
+    ids=["event-source-down", "task-db-down", "one-shard-down", "exporter-job-down",
+         "task-burn-page"],
 )
 def test_alertmanager_inhibits_symptoms_of_the_same_cause_only(
     tmp_path: Path,
