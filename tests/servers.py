@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import os
 import pwd
 import shutil
@@ -556,3 +557,31 @@ class LocalHTTPServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+class WebhookReceiver:
+    """A webhook receiver: Alertmanager POSTs notification groups here (``url``)."""
+
+    def __init__(self) -> None:
+        self.notifications: list[dict[str, Any]] = []
+        received = self.notifications
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url + "/alerts"
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return [a for n in list(self.notifications) for a in n["alerts"]]
+
+    def close(self) -> None:
+        self.http.close()

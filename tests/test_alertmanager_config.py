@@ -8,11 +8,8 @@ integration tests run a real Alertmanager on the rendered file and read its fail
 
 from __future__ import annotations
 
-import json
 import shutil
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -142,29 +139,13 @@ def test_a_webhook_url_without_scheme_is_an_error(url: str, tmp_path: Path,
 # --- a real Alertmanager --------------------------------------------------------------------
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def receiver() -> Iterator[servers.WebhookReceiver]:
+    hook = servers.WebhookReceiver()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/alerts"
+        yield hook
     finally:
-        server.shutdown()
-        server.server_close()
+        hook.close()
 
 
 def _failed(am: servers.AlertmanagerServer) -> dict[str, float]:
@@ -191,20 +172,20 @@ _PAGE = [{
 
 @pytest.mark.integration
 def test_empty_secrets_deliver_to_the_webhook_without_failures(
-    tmp_path: Path, receiver: str,
+    tmp_path: Path, receiver: servers.WebhookReceiver,
     alertmanager_factory: Callable[..., servers.AlertmanagerServer],
 ) -> None:
     """docs/deploy.md's .env (Slack and SMTP empty) plus AICRM_WEBHOOK_URL: the page reaches
     the webhook, and no integration fails (the shipped file would fail Slack on every page)."""
     secrets = _secrets(tmp_path, "", "")
-    cfg, _ = render(SHIPPED, webhook_url=receiver, secrets_dir=secrets,
+    cfg, _ = render(SHIPPED, webhook_url=receiver.url, secrets_dir=secrets,
                     templates_dir=str(ALERTMANAGER_DIR))
     config = tmp_path / "rendered" / "alertmanager.yml"
     alertmanager_config.write(cfg, config)
     am = alertmanager_factory(config)
     requests.post(am.url + "/api/v2/alerts", json=_PAGE, timeout=10).raise_for_status()
-    assert eventually(lambda: bool(_Receiver.received), 40, 0.2), "no notification arrived"
-    assert _Receiver.received[0]["receiver"] == "page"
+    assert eventually(lambda: bool(receiver.notifications), 40, 0.2), "no notification arrived"
+    assert receiver.notifications[0]["receiver"] == "page"
     # Alertmanager sends to every integration of a receiver at once; give a failing one time
     # to be counted.
     assert not eventually(lambda: sum(_failed(am).values()) > 0, 3, 0.2), _failed(am)

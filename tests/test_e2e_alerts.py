@@ -12,14 +12,13 @@ import json
 import os
 import sys
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.servers import LocalHTTPServer, ProcessHandle, free_port, http_ok
+from tests.servers import ProcessHandle, WebhookReceiver, free_port, http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "recording_rules").glob("*.rules.yml")) + sorted(
@@ -42,34 +41,6 @@ def fast_rule_copies(dest: Path, interval: str = "1s", for_: str = "0s") -> list
         target.write_text(yaml.safe_dump(doc, sort_keys=False))
         out.append(target)
     return out
-
-
-class Receiver:
-    """A webhook receiver: Alertmanager POSTs notification groups here."""
-
-    def __init__(self) -> None:
-        self.notifications: list[dict[str, Any]] = []
-        received = self.notifications
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self.http = LocalHTTPServer(Handler)
-        self.url = self.http.url + "/alerts"
-
-    def alerts(self) -> list[dict[str, Any]]:
-        return [a for n in list(self.notifications) for a in n["alerts"]]
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def alertmanager_config(tmp: Path, webhook_url: str) -> dict[str, Any]:
@@ -104,7 +75,7 @@ def alertmanager_config(tmp: Path, webhook_url: str) -> dict[str, Any]:
 def test_incident_alert_reaches_the_webhook(
     tmp_path: Path, prometheus_factory: Any, alertmanager_factory: Any
 ) -> None:
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     procs: list[ProcessHandle] = []
     try:
         exporter_port = free_port()

@@ -10,11 +10,9 @@ import json
 import re
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -349,19 +347,6 @@ def test_no_secrets_in_alertmanager_config() -> None:
             assert "auth_password" not in email
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-
 def _http(method: str, url: str, payload: Any = None) -> Any:
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(
@@ -403,12 +388,9 @@ def test_alertmanager_delivers_and_inhibits(
 ) -> None:
     """A real Alertmanager: pages reach the webhook; the whole exporter job down inhibits
     derived alerts and the per-target pages."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    receiver = servers.WebhookReceiver()
     try:
-        am = alertmanager_factory(
-            _shipped_config(tmp_path, f"http://127.0.0.1:{server.server_port}/alerts"))
+        am = alertmanager_factory(_shipped_config(tmp_path, receiver.url))
         job = {"severity": "page", "job": "aicrm-exporter"}
         _http(
             "POST",
@@ -429,17 +411,16 @@ def test_alertmanager_delivers_and_inhibits(
                 },
             ],
         )
-        assert eventually(lambda: bool(_Receiver.received), 40, 0.2), (
+        assert eventually(lambda: bool(receiver.notifications), 40, 0.2), (
             "no notification reached the webhook")
-        first = _Receiver.received[0]
+        first = receiver.notifications[0]
         assert first["receiver"] == "page"
         assert first["commonLabels"]["alertname"] == "AicrmExporterJobDown"
         assert eventually(lambda: _suppressed(am) == {
             "AicrmExporterDown", "AicrmAgentSuccessBelowObjective/lead-qualifier/warning"},
             10, 0.2), am.alerts()
     finally:
-        server.shutdown()
-        server.server_close()
+        receiver.close()
 
 
 def _suppressed(am: servers.AlertmanagerServer) -> set[str]:
