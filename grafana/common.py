@@ -422,13 +422,18 @@ class PrometheusAnnotation(cogbuilder.Builder[model.AnnotationQuery]):
         return self._internal
 
 
+PROBLEMS = 'alertstate="firing", severity!~"recommendation|none"'
+"""Firing alerts that report a problem: not recommendations, nor the always-firing
+AicrmWatchdog (severity none)."""
+
+
 def firing_alerts(matchers: str = "") -> PrometheusAnnotation:
     """Firing alerts (not recommendations, nor the always-firing AicrmWatchdog) of this view,
     as annotations on every graph."""
     extra = f", {matchers}" if matchers else ""
     return PrometheusAnnotation(
         "Firing alerts",
-        f'ALERTS{{alertstate="firing", severity!~"recommendation|none"{extra}}}',
+        f"ALERTS{{{PROBLEMS}{extra}}}",
         "{{alertname}}",
         "severity,agent,task_type,platform,source",
         "red",

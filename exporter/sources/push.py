@@ -43,7 +43,8 @@ from .files import Watch
 log = logging.getLogger(__name__)
 
 SOURCE = "push"
-BATCH_MARKER = b'{"aicrm_push_batch":'
+MARKER_KEY = "aicrm_push_batch"
+BATCH_MARKER = b'{"' + MARKER_KEY.encode() + b'":'
 """How a keyed batch's marker line in the journal starts: ``{"aicrm_push_batch": {"key": ...,
 "digest": ..., "at": ...}}``. Not an event, so a pushed line like it is rejected before it could
 reach the journal; the file source skips it."""
@@ -489,7 +490,7 @@ def _markers(path: Path) -> list[tuple[str, Recorded]]:
             break  # cut by a crash before its newline (and fsync): the batch was not answered
         try:
             d = json.loads(data[start:end])
-            m = d["aicrm_push_batch"]
+            m = d[MARKER_KEY]
             if len(d) != 1:
                 raise ValueError("not a marker")
             found.append((str(m["key"]), Recorded(float(m["at"]), str(m["digest"]),

@@ -56,8 +56,7 @@ def firing_alerts() -> stat.Panel:
         "Alerts firing now (recommendations and the always-firing AicrmWatchdog excluded); "
         "they also show as red annotations.",
         c.COUNT,
-        [c.query('count(ALERTS{alertstate="firing", severity!~"recommendation|none"})'
-                 " or vector(0)", "firing")],
+        [c.query(f"count(ALERTS{{{c.PROBLEMS}}}) or vector(0)", "firing")],
     )
 
 
