@@ -19,7 +19,14 @@ from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
 from .server import Handlers, Server
 from .sources.files import FileTailer, Watch
-from .sources.push import BatchResult, IdempotencyIndex, Journal, ingest_batch, validate_batch
+from .sources.push import (
+    BatchMarker,
+    BatchResult,
+    IdempotencyIndex,
+    Journal,
+    ingest_batch,
+    validate_batch,
+)
 from .state import StateFile
 
 log = logging.getLogger(__name__)
@@ -128,7 +135,8 @@ class Exporter:
         return self.idempotency.run(key, body, lambda marker: self._apply_batch(body, marker),
                                     lambda: self._replay_batch(body))
 
-    def _apply_batch(self, body: bytes, marker: bytes = b"") -> tuple[int, dict[str, Any]]:
+    def _apply_batch(self, body: bytes, marker: BatchMarker | None = None
+                     ) -> tuple[int, dict[str, Any]]:
         assert self.journal is not None
         try:
             result = ingest_batch(body, self.journal, self.store, marker=marker,
@@ -140,7 +148,7 @@ class Exporter:
 
     def _replay_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """The answer of a batch already journaled (recovered after a crash), counting
-        nothing again."""
+        nothing again: its rejects are counted from its marker by the file source."""
         result, _ = validate_batch(body, max_line_bytes=self.cfg.exporter.max_line_bytes)
         return _answer(result)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -402,7 +403,7 @@ class JournalRig:
         self.now = 1_700_000_000.0
         self.tailer = FileTailer([self.journal.watch], self.store, clock=lambda: self.now)
 
-    def ingest(self, body: bytes, marker: bytes = b"") -> push.BatchResult:
+    def ingest(self, body: bytes, marker: push.BatchMarker | None = None) -> push.BatchResult:
         return ingest_batch(body, self.journal, self.store, max_line_bytes=1024,
                             marker=marker)
 
@@ -502,7 +503,7 @@ def _give_up_first_segment(rig: JournalRig, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(push.os, "ftruncate", _io_error)
     monkeypatch.setattr(push.os, "truncate", _io_error)
     with pytest.raises(OSError):
-        rig.ingest(batch(4), marker=b'{"aicrm_push_batch":{"key":"k"}}')
+        rig.ingest(batch(4), marker=push.BatchMarker("k", "0" * 64, 1.0))
     monkeypatch.setattr(push.os, "fsync", real_fsync)
     monkeypatch.setattr(push.os, "ftruncate", real_ftruncate)
     (first,) = rig.segments()
@@ -688,6 +689,9 @@ def test_an_all_bad_batch_is_refused_once(exp: Running) -> None:
     again = keyed(exp, body, "bad-1")
     assert first.status_code == again.status_code == 400
     assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    # Counted from the batch's marker when the file source reads it, once.
+    exp.wait_for(lambda: exp.rejected("not_object") == 1 and exp.rejected("missing_field") == 1)
+    time.sleep(0.2)
     assert exp.rejected("not_object") == 1 and exp.rejected("missing_field") == 1
     assert exp.requests_by_code(400) == 2  # both answers are counted as requests
 
@@ -737,7 +741,9 @@ def test_a_crash_between_journal_and_key_record_still_answers_the_retry_once(
     start: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The process dies after the batch is journaled (fsync'ed) and before its key is: the
-    client got no answer and retries. The next start finds the key in the journal's marker."""
+    client got no answer and retries. The next start finds the key in the journal's marker,
+    and the batch's rejected lines count once: the marker carries their counts, whether or
+    not the crashed process got to save them."""
     state_dir = tmp_path / "state"
     port = free_port()
     cfg = config(state_dir)
@@ -747,7 +753,11 @@ def test_a_crash_between_journal_and_key_record_still_answers_the_retry_once(
     crashing.start([sys.executable, "-c", CRASH_IN_RECORD, str(tmp_path / "config.json")],
                    env={**os.environ, TOKEN_ENV: TOKEN},
                    ready_check=http_ok(f"http://127.0.0.1:{port}/healthz"))
-    body = batch(7) + b"not json\n"
+    # More rejected lines than an answer lists: its rejected_total must come back too.
+    n_bad_json = push.MAX_REPORTED_REJECTS + 2
+    body = (batch(7) + b"[1]\n" + b'{"event": "handoff", "from_agent": "qualifier"}\n'
+            + b"x\n" * n_bad_json)
+    assert len(body) <= MAX_BODY
     with pytest.raises(requests.ConnectionError):
         requests.post(f"http://127.0.0.1:{port}/v1/events", data=body, timeout=10,
                       headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "b-1"})
@@ -758,17 +768,106 @@ def test_a_crash_between_journal_and_key_record_still_answers_the_retry_once(
     exp = start(state_dir)
     retry = keyed(exp, body, "b-1")
     assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
-    assert retry.json() == {"accepted": 7, "rejected": [
-        {"line": 8, "reason": "invalid_json", "error": retry.json()["rejected"][0]["error"]}]}
-    assert keyed(exp, body, "b-1").json() == retry.json()  # and from the record from now on
+    answer = retry.json()
+    assert answer["accepted"] == 7 and answer["rejected_total"] == n_bad_json + 2
+    assert len(answer["rejected"]) == push.MAX_REPORTED_REJECTS
+    assert [(x["line"], x["reason"]) for x in answer["rejected"][:3]] == [
+        (8, "not_object"), (9, "missing_field"), (10, "invalid_json")]
+    assert keyed(exp, body, "b-1").json() == answer  # and from the record from now on
     assert keyed(exp, batch(4) + b"x\n", "b-1").status_code == 422  # the digest was kept
-    exp.wait_for(lambda: exp.results() == 7)
+    counted = {"not_object": 1, "missing_field": 1, "invalid_json": n_bad_json}
+
+    def rejected() -> dict[str, float]:
+        return {r: n for r in c.REJECT_REASONS if (n := exp.rejected(r))}
+
+    exp.wait_for(lambda: exp.results() == 7 and rejected() == counted)
     time.sleep(0.2)
-    assert exp.results() == 7
-    # The retry counted nothing (the crashed process's own count was never saved), and the
-    # marker line is not an event the file source rejects.
-    assert exp.rejected("invalid_json") == 0 and exp.rejected("missing_field") == 0
+    # The batch's rejects count once: the retry counted nothing, and the marker line is not
+    # an event the file source rejects.
+    assert exp.results() == 7 and rejected() == counted
     assert len(event_lines(state_dir)) == 7
+    # The same batch under a new key, applied for real: the answer and counts the crashed
+    # process would have given.
+    fresh = keyed(exp, body, "b-2")
+    assert "Idempotent-Replayed" not in fresh.headers
+    assert (fresh.status_code, fresh.json()) == (200, answer)
+    exp.wait_for(lambda: exp.results() == 14
+                 and rejected() == {r: 2 * n for r, n in counted.items()})
+
+
+def test_a_keyed_batch_s_rejects_are_in_a_snapshot_exactly_when_its_marker_is(
+    rig: JournalRig, tmp_path: Path
+) -> None:
+    """A keyed batch's rejects are counted from its marker by the file source, under the lock
+    of the read position: a restart from a snapshot taken before the marker was read counts
+    them (whatever the crashed process had counted was not saved), and one from a snapshot
+    taken after does not count them again."""
+    state_dir = tmp_path / "state"
+    body = batch(2) + b"[1]\n" + b"x\n" * 3
+    rig.ingest(body, marker=push.BatchMarker("k-1", "0" * 64, rig.now))
+
+    def snapshot(r: JournalRig) -> dict[str, Any]:
+        with r.store.lock:
+            return {**r.store.dump(), "positions": r.tailer.positions()}
+
+    def not_object(r: JournalRig) -> float:
+        return r.value(c.SOURCE_REJECTED.name, source="push", reason="not_object")
+
+    assert rig.value(c.SOURCE_REJECTED.name, source="push", reason="invalid_json") == 0
+    before = snapshot(rig)  # not counted when ingested: nothing to save yet
+    assert rig.counts() == (2, 3) and not_object(rig) == 1
+    after = snapshot(rig)
+    for snap in (before, after):
+        restarted = JournalRig(state_dir)
+        try:
+            restarted.store.load(snap)
+            restarted.tailer.restore(snap["positions"])
+            assert restarted.counts() == (2, 3) and not_object(restarted) == 1
+            assert restarted.counts() == (2, 3) and not_object(restarted) == 1
+        finally:
+            restarted.close()
+
+
+def test_a_marker_without_rejected_counts_recovers_as_before(
+    start: Callable[..., Running], tmp_path: Path
+) -> None:
+    """A marker written before markers carried rejected counts (that process counted the
+    rejects when it ingested the batch): its key is still recovered, the retry is answered
+    from the body, and the file source counts the batch's events and nothing else."""
+    state_dir = tmp_path / "state"
+    (state_dir / "push").mkdir(parents=True)
+    good = event()
+    body = good + b"\n" + b"[1]\n" + b"x\n"
+    old_marker = BATCH_MARKER + json.dumps(
+        {"key": "old-1", "digest": hashlib.sha256(body).hexdigest(), "at": time.time()},
+        separators=(",", ":")).encode() + b"}"
+    assert push.marker_rejects(old_marker) == {}
+    (state_dir / "push" / "journal-000000000001.jsonl").write_bytes(
+        good + b"\n" + old_marker + b"\n")
+    exp = start(state_dir)
+    retry = keyed(exp, body, "old-1")
+    assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    assert [(x["line"], x["reason"]) for x in retry.json()["rejected"]] == [
+        (2, "not_object"), (3, "invalid_json")]
+    assert retry.json()["accepted"] == 1 and "rejected_total" not in retry.json()
+    exp.wait_for(lambda: exp.results() == 1)
+    time.sleep(0.2)
+    assert exp.results() == 1 and sum(exp.rejected(r) for r in c.REJECT_REASONS) == 0
+    assert len(journal_lines(state_dir)) == 2  # the replay journaled nothing
+
+
+def test_marker_rejects_takes_only_known_reasons_and_whole_counts(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    line = push.BatchMarker("k", "0" * 64, 1.0).line(
+        {"invalid_json": 2, "made_up": 5, "not_object": -1, "wrong_type": 1.5})  # type: ignore[dict-item]
+    assert json.loads(line)[push.MARKER_KEY]["rejected"]["made_up"] == 5
+    assert push.marker_rejects(line) == {"invalid_json": 2}
+    assert push.marker_rejects(push.BatchMarker("k", "0" * 64, 1.0).line({})) == {}
+    assert b"rejected" not in push.BatchMarker("k", "0" * 64, 1.0).line({})
+    assert push.marker_rejects(b'{"aicrm_push_batch":{"key":"k","rejected":[1]}}') == {}
+    assert push.marker_rejects(b'{"aicrm_push_batch":') == {}
+    assert sum("marker" in r.getMessage() for r in caplog.records) == 5
 
 
 def test_a_pushed_line_like_a_batch_marker_is_rejected(exp: Running) -> None:

@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
@@ -67,6 +67,10 @@ class Watch:
     readable: Readable | None = None
     """How far a file may be read: the push journal's committed size, so bytes of a write
     that has not been fsync'ed yet (and may fail) are never counted."""
+    marker_rejects: Callable[[bytes], Mapping[str, int]] | None = None
+    """Rejected lines by reason that a marker line records (the push journal's keyed batches
+    carry their rejects this way): counted when the marker is read, under the same lock as
+    the read position, so a state snapshot holds them exactly when its position is past it."""
 
 
 @dataclass(slots=True)
@@ -161,7 +165,8 @@ class FileTailer:
         self.files: dict[str, Tracked] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         self._reject_log = RejectLog()
-        self._markers = {w.source: w.marker for w in self.watches if w.marker}
+        self._markers = {w.source: (w.marker, w.marker_rejects)
+                         for w in self.watches if w.marker}
         for w in self.watches:
             sink.add_source(w.source)
 
@@ -378,7 +383,7 @@ class FileTailer:
             lines[0] = b""
             t.skipping = False
         max_len = self.max_line_bytes
-        marker = self._markers.get(source)
+        marker, marker_rejects = self._markers.get(source, (b"", None))
         check_utf8 = not _is_utf8(data)
         for i, line in enumerate(lines):
             if len(line) > max_len:
@@ -394,6 +399,9 @@ class FileTailer:
                 ev = decode_event(line)
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 if marker and line.startswith(marker):
+                    if marker_rejects is not None:
+                        for reason, n in marker_rejects(line).items():
+                            sink.reject(source, reason, n)
                     continue
                 rej = decode_line(line)
                 assert isinstance(rej, Rejected)

@@ -18,6 +18,15 @@ after a restart. A client whose answer was lost can therefore retry without coun
 The batch's lines are journaled with a marker line naming its key (in the same write and
 fsync), so a crash after the journal write and before the key's own record still leaves the
 key known at the next start: the retry's answer is then worked out again from its body.
+
+A keyed batch's rejected lines are not counted when it is ingested: its marker carries their
+counts by reason, and the file source counts them when it reads the marker, right after the
+batch's lines. They are thereby in a state snapshot exactly when its read position is past the
+marker, like the batch's events: a crash anywhere (before or after the key's record, before
+or after the answer) neither loses them nor counts them twice, as the next start reads on from
+the saved position. A batch without a key has no marker; its rejects are counted once its
+lines are fsync'ed (a crash before the next snapshot loses them, and its retry counts it all
+again anyway).
 """
 
 from __future__ import annotations
@@ -31,11 +40,12 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..catalog import REJECT_REASONS
 from ..events import Rejected, decode_line
 from ..state import replace_atomically, write_all
 from .files import Watch
@@ -46,8 +56,10 @@ SOURCE = "push"
 MARKER_KEY = "aicrm_push_batch"
 BATCH_MARKER = b'{"' + MARKER_KEY.encode() + b'":'
 """How a keyed batch's marker line in the journal starts: ``{"aicrm_push_batch": {"key": ...,
-"digest": ..., "at": ...}}``. Not an event, so a pushed line like it is rejected before it could
-reach the journal; the file source skips it."""
+"digest": ..., "at": ..., "rejected": {reason: n, ...}}}`` (``rejected`` only when the batch had
+rejected lines, and not in markers written before it was added). Not an event, so a pushed line
+like it is rejected before it could reach the journal; the file source counts its ``rejected``
+(``marker_rejects``) and nothing else."""
 _SEGMENT_RE = re.compile(r"^journal-(\d{12})\.jsonl$")
 
 
@@ -81,6 +93,48 @@ class BatchResult:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class BatchMarker:
+    """What a keyed batch's marker line records besides its rejected counts."""
+
+    key: str
+    digest: str
+    at: float
+
+    def line(self, rejected: Mapping[str, int]) -> bytes:
+        """The journal line; ``rejected``: the batch's rejected lines by reason."""
+        m: dict[str, object] = {"key": self.key, "digest": self.digest, "at": self.at}
+        if rejected:
+            m["rejected"] = dict(rejected)
+        return BATCH_MARKER + json.dumps(m, separators=(",", ":")).encode() + b"}"
+
+
+_REASONS = frozenset(REJECT_REASONS)
+
+
+def marker_rejects(line: bytes) -> dict[str, int]:
+    """The rejected counts by reason a marker line carries: empty for a marker written before
+    markers carried them (that process counted them when it ingested the batch) and for one
+    without rejects. A damaged marker counts nothing (a warning says so), and only known
+    reasons with positive whole counts are taken: a label value comes from a fixed set."""
+    try:
+        m = json.loads(line)[MARKER_KEY]
+        rejected = m.get("rejected", {})
+        if not isinstance(rejected, dict):
+            raise TypeError(f"rejected is {type(rejected).__name__}, not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("push journal: a batch marker's rejected counts skipped: %s", exc)
+        return {}
+    out = {}
+    for reason, n in rejected.items():
+        if reason in _REASONS and type(n) is int and n > 0:
+            out[reason] = n
+        else:
+            log.warning("push journal: a batch marker's rejected count %r: %r skipped",
+                        reason, n)
+    return out
+
+
 class Journal:
     """Append-only segment files under ``<state_dir>/push``.
 
@@ -109,7 +163,7 @@ class Journal:
     @property
     def watch(self) -> Watch:
         return Watch(SOURCE, str(self.dir / "journal-*.jsonl"), BATCH_MARKER,
-                     self.readable_size)
+                     self.readable_size, marker_rejects)
 
     def readable_size(self, path: str) -> int | None:
         """How far the file source may read ``path``; None: to its end (a segment that was
@@ -237,13 +291,18 @@ def check_token(header: str | None, token: str) -> bool:
 
 
 def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,
-                 max_line_bytes: int, marker: bytes = b"") -> BatchResult:
-    """Validate an NDJSON body line by line; journal the good lines (and ``marker``, the
-    batch's idempotency marker line, after them in the same fsync), report the bad ones.
-    The bad ones are counted in ``sink`` only once the journal has the batch: a failed
-    append is answered 503, and its retry would count them again."""
+                 max_line_bytes: int, marker: BatchMarker | None = None) -> BatchResult:
+    """Validate an NDJSON body line by line; journal the good lines (and the marker line of
+    a keyed batch, with its rejected counts, after them in the same fsync), report the bad
+    ones. Nothing is counted before the journal has the batch: a failed append is answered
+    503, and its retry would count again. A keyed batch's rejects are then counted by the
+    file source when it reads the marker (so a state snapshot holds them exactly when its
+    position is past the marker); an unkeyed batch's are counted in ``sink`` here."""
     result, good = validate_batch(body, max_line_bytes=max_line_bytes)
-    journal.append(good + [marker] if marker else good)
+    if marker is not None:
+        journal.append([*good, marker.line(result.reasons)])
+        return result
+    journal.append(good)
     for reason, n in result.reasons.items():
         sink.reject(SOURCE, reason, n)
     return result
@@ -302,11 +361,15 @@ class IdempotencyIndex:
     ``max_entries`` answers and ``max_bytes`` of them are kept, the oldest giving way (a batch
     of rejected lines has a long answer).
 
-    ``apply(marker)`` journals the batch with ``marker`` (its key, body digest and time) in the
-    same fsync, and the key's record follows. A crash between the two (no answer was sent) is
-    repaired at the next start: the journal's segments are searched for markers whose key has
-    no record, each is kept as applied (status ``RECOVERED``), and the retry gets the answer
-    ``replay()`` works out again from the body, without journaling or counting it again.
+    ``apply(marker)`` journals the batch with ``marker`` (its key, body digest and time; the
+    line adds the batch's rejected counts) in the same fsync, and the key's record follows. A
+    crash between the two (no answer was sent) is repaired at the next start: the journal's
+    segments are searched for markers whose key has no record, each is kept as applied (status
+    ``RECOVERED``), and the retry gets the answer ``replay()`` works out again from the body
+    (the same answer, rejected lines and ``rejected_total`` included: validation depends on
+    the body and ``max_line_bytes`` only), without journaling or counting it again. The
+    batch's rejected lines are counted by the file source from the marker, once (see
+    ``ingest_batch``), whether or not the crashed process got to save them.
     """
 
     FILE = "idempotency.jsonl"
@@ -396,12 +459,8 @@ class IdempotencyIndex:
             return None
         return rec
 
-    def marker(self, key: str, digest: str, at: float) -> bytes:
-        """The journal line that records a keyed batch beside its lines."""
-        return BATCH_MARKER + json.dumps({"key": key, "digest": digest, "at": at},
-                                         separators=(",", ":")).encode() + b"}"
-
-    def run(self, key: str, body: bytes, apply: Callable[[bytes], tuple[int, dict[str, Any]]],
+    def run(self, key: str, body: bytes,
+            apply: Callable[[BatchMarker], tuple[int, dict[str, Any]]],
             replay: Callable[[], tuple[int, dict[str, Any]]]
             ) -> tuple[int, dict[str, Any], bool]:
         """``apply(marker)``'s answer, or the one recorded for ``key``: (status, body,
@@ -430,7 +489,7 @@ class IdempotencyIndex:
                 self._record(key, Recorded(rec.at, digest, status, answer))
                 return status, answer, True
             at = self.clock()
-            status, answer = apply(self.marker(key, digest, at))
+            status, answer = apply(BatchMarker(key, digest, at))
             if status in RECORDED_STATUSES:
                 self._record(key, Recorded(at, digest, status, answer))
             return status, answer, False
