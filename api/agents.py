@@ -8,8 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from . import queries, validation
-from .common import cached, envelope, first, json_response, label_values, quantity, services
-from .promql import Sample
+from .common import cached, envelope, json_response, quantity, services
 
 bp = Blueprint("agents", __name__)
 
@@ -30,16 +29,21 @@ UNITS = {
 }
 
 
-def _agent(fields: dict[str, list[Sample]], agent: str) -> dict[str, Any]:
+NOT_ACTIVITY = ("objective", "objective_met")
+"""Fields that do not make an agent active: a bare objective is not activity."""
+_NONE: dict[str, float | None] = {}
+
+
+def _agent(fields: dict[str, dict[str, float | None]], agent: str) -> dict[str, Any]:
     out: dict[str, Any] = {"agent": agent}
     for name, unit in UNITS.items():
-        out[name] = quantity(first(fields.get(name), agent=agent), unit)
+        out[name] = quantity(fields.get(name, _NONE).get(agent), unit)
     out["results"] = {
-        o: quantity(first(fields.get(f"results.{o}"), agent=agent), "results")
+        o: quantity(fields.get(f"results.{o}", _NONE).get(agent), "results")
         for o in queries.OUTCOMES
     }
     out["escalations"] = out["results"]["escalated"]
-    met = first(fields.get("objective_met"), agent=agent)
+    met = fields.get("objective_met", _NONE).get(agent)
     out["objective_met"] = None if met is None else met == 1.0
     return out
 
@@ -54,8 +58,8 @@ def agent_performance() -> Response:
     svc = services()
     now = time.time()
     expr = queries.expr_of(queries.agent_performance, window.seconds, agent)
-    fields = queries.split(svc.prometheus.query(expr, now))
-    # Agents with results or spend in the window; a bare objective is not activity.
-    active = {k: v for k, v in fields.items() if k not in ("objective", "objective_met")}
-    data = {"agents": [_agent(fields, a) for a in label_values(active, "agent")]}
+    fields = queries.split_by(svc.prometheus.query(expr, now), "agent")
+    # Agents with results or spend in the window.
+    active = {a for name, by in fields.items() if name not in NOT_ACTIVITY for a in by if a}
+    data = {"agents": [_agent(fields, a) for a in sorted(active)]}
     return json_response(envelope(window, now, data, filters={"agent": agent}))

@@ -8,8 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from . import queries, validation
-from .common import cached, envelope, first, json_response, label_values, quantity, services
-from .promql import Sample
+from .common import cached, envelope, json_response, quantity, services
 
 bp = Blueprint("tasks", __name__)
 
@@ -33,9 +32,14 @@ UNITS = {
 }
 
 
-def _block(fields: dict[str, list[Sample]], level: str, **labels: str) -> dict[str, Any]:
+_NONE: dict[str, float | None] = {}
+
+
+def _block(fields: dict[str, dict[str, float | None]], level: str,
+           task_type: str = "") -> dict[str, Any]:
+    """The numbers of one level: "overall" (fields without labels) or one task type's."""
     return {
-        name: quantity(first(fields.get(f"{level}.{name}"), **labels), unit)
+        name: quantity(fields.get(f"{level}.{name}", _NONE).get(task_type), unit)
         for name, unit in UNITS.items()
     }
 
@@ -51,13 +55,13 @@ def task_completion() -> Response:
     svc = services()
     now = time.time()
     expr = queries.expr_of(queries.task_completion, window.seconds, task_type, agent)
-    fields = queries.split(svc.prometheus.query(expr, now))
-    per_type = {k: v for k, v in fields.items() if k.startswith("task_type.")}
+    fields = queries.split_by(svc.prometheus.query(expr, now), "task_type")
+    task_types = {tt for name, by in fields.items() if name.startswith("task_type.")
+                  for tt in by if tt}
     data = {
         "overall": _block(fields, "overall"),
         "task_types": [
-            {"task_type": tt, **_block(fields, "task_type", task_type=tt)}
-            for tt in label_values(per_type, "task_type")
+            {"task_type": tt, **_block(fields, "task_type", tt)} for tt in sorted(task_types)
         ],
     }
     filters = {"task_type": task_type, "agent": agent}

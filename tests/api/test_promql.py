@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from api.promql import BackendError, BackendTimeout, BackendUnavailable, PrometheusClient
+from api.promql import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    PrometheusClient,
+    Sample,
+)
 from tests import servers
 from tests.api.conftest import AUTH, KnownPrometheus
 from tests.api.test_http11 import ScriptedServer
@@ -108,6 +114,11 @@ def test_client_maps_errors(slow_backend: SlowBackend, known_prometheus: KnownPr
     try:
         assert live.query("vector(2)")[0].value == 2.0
         assert live.query("0/0")[0].value is None  # NaN is null
+        assert live.query("vector(1/0)")[0].value is None  # so is +Inf, on the vector path
+        assert live.query("scalar(vector(3))")[0] == Sample({}, 3.0)  # the general path
+        two = live.query('label_replace(vector(1), "a", "x", "", "") or vector(2)')
+        assert sorted(two, key=lambda s: s.value or 0) == [Sample({"a": "x"}, 1.0),
+                                                           Sample({}, 2.0)]
         assert live.alerts() is not None
     finally:
         live.close()
@@ -122,6 +133,9 @@ MALFORMED = [
      "/api/v1/query", "malformed"),
     (b'{"status":"success","data":{"resultType":"scalar","result":[1]}}', "/api/v1/query",
      "malformed"),
+    # The shape of a vector, but a value that is no number.
+    (b'{"status":"success","data":{"resultType":"vector","result":'
+     b'[{"metric":{},"value":[1,"many"]}]}}', "/api/v1/query", "malformed"),
 ]
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from api import queries
+from api.promql import Sample
 from tests.api.conftest import RULES
 
 WINDOWS = (60, 300, 600, 3600, 7200, 86400, 3 * 86400, 30 * 86400)
@@ -77,3 +78,16 @@ def test_raw_families_use_subqueries() -> None:
 
 def test_matcher_quotes() -> None:
     assert queries.matcher("agent", 'a"b\\') == 'agent="a\\"b\\\\"'
+
+
+def test_split_by_keys_each_field_by_one_label() -> None:
+    f = queries.FIELD_LABEL
+    samples = [
+        Sample({f: "spend", "agent": "a", "__name__": "x"}, 1.0),
+        Sample({f: "spend", "agent": "b"}, None),
+        Sample({f: "spend", "agent": "a"}, 9.0),  # a second sample of a key: the first wins
+        Sample({f: "total"}, 3.0),  # no such label: keyed by ""
+        Sample({"agent": "c"}, 4.0),  # not a field of the query: ignored
+    ]
+    assert queries.split_by(samples, "agent") == {"spend": {"a": 1.0, "b": None},
+                                                  "total": {"": 3.0}}
