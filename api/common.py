@@ -56,11 +56,6 @@ def first(samples: Iterable[Sample] | None, **labels: str) -> float | None:
     return None
 
 
-def label_values(samples_by_field: dict[str, list[Sample]], label: str) -> list[str]:
-    values = {s.labels[label] for ss in samples_by_field.values() for s in ss if label in s.labels}
-    return sorted(values)
-
-
 def envelope(window: Window | None, evaluated_at: float, data: Any,
              **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {}
@@ -114,7 +109,10 @@ def cached(view: F) -> F:
         svc.metrics.cache.labels("miss").inc()
         resp = view(*args, **kwargs)
         if resp.status_code == 200 and not resp.is_streamed:
-            svc.cache.set(key, resp.get_data(), ttl)
+            # Stored once the answer has gone out: the WSGI server closes the response after
+            # writing its body, so the client does not wait for the cache's round trip.
+            body_ = resp.get_data()
+            resp.call_on_close(lambda: svc.cache.set(key, body_, ttl))
         resp.headers["X-Cache"] = "MISS"
         return resp
 

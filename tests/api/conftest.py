@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 import api
 from exporter.config import Config, parse_config
@@ -157,6 +159,16 @@ def api_config(prometheus_url: str, **api_overrides: Any) -> Config:
     return parse_config(config_dict(api=settings), "test-config")
 
 
+class ClosingClient(FlaskClient):
+    """Closes every response once its body is read, as a WSGI server does after writing it
+    (PEP 3333; werkzeug's test client leaves that to the caller), so what the app does on
+    close (storing a cache entry) has happened before the next request, as it has in gunicorn."""
+
+    def open(self, *args: Any, **kwargs: Any) -> TestResponse:
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
 @pytest.fixture
 def make_app() -> Iterator[Callable[..., Flask]]:
     """make_app(prometheus_url, api_keys=..., **api settings): closed at teardown."""
@@ -166,6 +178,7 @@ def make_app() -> Iterator[Callable[..., Flask]]:
              **api_overrides: Any) -> Flask:
         app = api.create_app(api_config(prometheus_url, **api_overrides), api_keys=api_keys)
         app.testing = True
+        app.test_client_class = ClosingClient
         apps.append(app)
         return app
 

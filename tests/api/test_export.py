@@ -24,7 +24,9 @@ def _range(known: KnownPrometheus) -> str:
 
 
 def test_csv(client: Any, known_prometheus: KnownPrometheus) -> None:
-    r = client.get(f"/export?dataset=task_throughput&{_range(known_prometheus)}", headers=AUTH)
+    # Unbuffered, to see the answer as the app returns it: a stream.
+    r = client.get(f"/export?dataset=task_throughput&{_range(known_prometheus)}", headers=AUTH,
+                   buffered=False)
     assert r.status_code == 200, r.get_data(as_text=True)
     assert r.is_streamed
     assert r.mimetype == "text/csv"
