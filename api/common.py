@@ -110,7 +110,9 @@ def cached(view: F) -> F:
         resp = view(*args, **kwargs)
         if resp.status_code == 200 and not resp.is_streamed:
             # Stored once the answer has gone out: the WSGI server closes the response after
-            # writing its body, so the client does not wait for the cache's round trip.
+            # writing its body, so the client does not wait for the cache's round trip. The
+            # same request on another connection in that moment misses too, as two at once
+            # always could; on the same kept-alive connection the next one comes after it.
             body_ = resp.get_data()
             resp.call_on_close(lambda: svc.cache.set(key, body_, ttl))
         resp.headers["X-Cache"] = "MISS"
