@@ -29,6 +29,7 @@ UIDS = {
     "workflow": "aicrm-workflow",
     "integrations": "aicrm-integrations",
     "executive": "aicrm-executive",
+    "stack": "aicrm-stack",
 }
 """Fixed uids: alert annotations (`dashboard_url`) link to them."""
 
@@ -42,6 +43,7 @@ COUNT = "none"
 SCORE = "none"  # 0-100
 HOURS = "h"
 FACTOR = "short"
+BYTES = "bytes"
 
 THRESHOLD_REF = "T"
 """refId of the query that carries a threshold or objective series."""
@@ -349,13 +351,13 @@ def change_override(unit: str) -> list[model.DynamicConfigValue]:
     ]
 
 
-def up_down_mappings() -> list[model.ValueMapping]:
-    """0/1 health gauges read as Down/Up."""
+def up_down_mappings(down: str = "Down", up: str = "Up") -> list[model.ValueMapping]:
+    """0/1 health gauges read as Down/Up (or another pair, such as Failed/OK)."""
     return [
         model.ValueMap(
             options={
-                "0": model.ValueMappingResult(text="Down", color="red", index=0),
-                "1": model.ValueMappingResult(text="Up", color="green", index=1),
+                "0": model.ValueMappingResult(text=down, color="red", index=0),
+                "1": model.ValueMappingResult(text=up, color="green", index=1),
             }
         )
     ]

@@ -16,7 +16,15 @@ from pathlib import Path
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as model
 
-from grafana.dashboards_src import agents, executive, integrations, overview, tasks, workflow
+from grafana.dashboards_src import (
+    agents,
+    executive,
+    integrations,
+    overview,
+    stack,
+    tasks,
+    workflow,
+)
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "dashboards"
 
@@ -27,6 +35,7 @@ DASHBOARDS: dict[str, Callable[[], model.Dashboard]] = {
     "workflow": workflow.build,
     "integrations": integrations.build,
     "executive": executive.build,
+    "stack": stack.build,
 }
 """File name (without .json) -> the function that builds it."""
 

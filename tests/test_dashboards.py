@@ -8,9 +8,11 @@ would before a query reaches Prometheus (see `substitute`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import yaml
 from exporter import catalog
 from grafana import common, generate
 from tests import servers
+from tests.test_e2e_alerts import alertmanager_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
@@ -30,6 +33,7 @@ RULES_DIR = ROOT / "recording_rules"
 RECORDING_FILES = sorted(RULES_DIR.glob("*.rules.yml"))
 ALERT_FILES = sorted((RULES_DIR / "alerts").glob("*.alerts.yml"))
 DASHBOARD_FILES = sorted(DASHBOARD_DIR.glob("*.json"))
+PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
 
 # Grafana unit ids the dashboard linter accepts (the subset these dashboards may use).
 VALID_UNITS = {
@@ -129,9 +133,44 @@ def recorded_series() -> set[str]:
     return names
 
 
+# Series of the monitoring components themselves that the Stack health view reads: Prometheus'
+# per-target scrape series and its own metrics, Alertmanager's, and the process metrics both
+# serve. Not ours to catalogue; test_every_panel_returns_data checks that the real binaries,
+# scraped as prometheus.yml scrapes them, serve every one of these names.
+UPSTREAM_SERIES = {
+    "scrape_duration_seconds",
+    "scrape_samples_scraped",
+    "prometheus_config_last_reload_successful",
+    "prometheus_notifications_alertmanagers_discovered",
+    "prometheus_notifications_dropped_total",
+    "prometheus_notifications_errors_total",
+    "prometheus_notifications_queue_capacity",
+    "prometheus_notifications_queue_length",
+    "prometheus_notifications_sent_total",
+    "prometheus_rule_evaluation_failures_total",
+    "prometheus_rule_group_interval_seconds",
+    "prometheus_rule_group_iterations_missed_total",
+    "prometheus_rule_group_last_duration_seconds",
+    "prometheus_tsdb_head_series",
+    "prometheus_tsdb_head_series_created_total",
+    "prometheus_tsdb_head_series_removed_total",
+    "alertmanager_alerts",
+    "alertmanager_alerts_invalid_total",
+    "alertmanager_alerts_received_total",
+    "alertmanager_config_last_reload_successful",
+    "alertmanager_notifications_failed_total",
+    "alertmanager_notifications_total",
+    "alertmanager_silences",
+    "process_cpu_seconds_total",
+    "process_max_fds",
+    "process_open_fds",
+    "process_resident_memory_bytes",
+}
+
+
 def known_series() -> set[str]:
-    names = {"ALERTS", "ALERTS_FOR_STATE", "up"} | recorded_series()
-    for spec in catalog.ALL:
+    names = {"ALERTS", "ALERTS_FOR_STATE", "up"} | recorded_series() | UPSTREAM_SERIES
+    for spec in (*catalog.ALL, *catalog.API):
         names.add(spec.name)
         if spec.kind is catalog.Kind.HISTOGRAM:
             names.update(f"{spec.name}_{suffix}" for suffix in ("bucket", "sum", "count"))
@@ -373,15 +412,25 @@ def _fast_rule_copies(dest: Path) -> list[Path]:
     return copies
 
 
-def _exporter_config(tmp: Path, port: int) -> Path:
+PUSH_TOKEN = "stack-push-token"
+API_KEY, BURST_KEY = "stack-api-key", "stack-burst-key"
+API_RATE_LIMIT = 60
+"""Requests a minute per key (and per gunicorn worker: without Redis each counts its own)."""
+
+
+def _stack_config(tmp: Path, port: int, prometheus_url: str) -> Path:
+    """config.json for the exporter and the API: sources in tmp, push on, the API querying
+    the test's Prometheus with a short cache and a rate limit a burst can exceed."""
     cfg = json.loads((ROOT / "config.json").read_text(encoding="utf-8"))
     cfg["sources"] = {
         "event_logs": [{"name": "agent-logs", "path": str(tmp / "events" / "*.jsonl")}],
         "task_db": {"url": f"sqlite:///{tmp / 'tasks.db'}", "table": "tasks",
                     "poll_seconds": 1},
-        "push": {"enabled": False},
+        "push": {"enabled": True, "token_env": "AICRM_INGEST_TOKEN"},
     }
     cfg["exporter"] = {"listen": f"127.0.0.1:{port}", "state_dir": str(tmp / "state")}
+    cfg["api"] = {**cfg["api"], "prometheus_url": prometheus_url, "cache_ttl_seconds": 2,
+                  "api_keys_env": "AICRM_API_KEYS", "rate_limit": f"{API_RATE_LIMIT}/minute"}
     # With --speedup the cost-spike agent spends about $0.25 per successful task, the others
     # a few cents at most: a limit between them makes the cheaper-model recommendation fire.
     cfg["thresholds"]["cost_per_successful_task_max_usd"] = 0.1
@@ -390,18 +439,106 @@ def _exporter_config(tmp: Path, port: int) -> Path:
     return path
 
 
+def shipped_scrape_jobs() -> set[str]:
+    """The job names of prometheus/prometheus.yml: rules, alerts and dashboards select on them."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    return {job["job_name"] for job in config["scrape_configs"]}
+
+
+class Clients:
+    """The stack's clients, in a thread until stop(): an agent pushing events to the exporter
+    and one with a revoked token; a dashboard polling the API with its key, a caller without
+    one, and once a burst over the rate limit. Nothing is faked: these are HTTP requests to
+    the real exporter and the real API under gunicorn."""
+
+    PERIOD = 1.0
+    LINE = b'{"event": "interaction", "channel": "web", "type": "message", "user": "stack"}\n'
+
+    def __init__(self, push_url: str, api_url: str) -> None:
+        self.push_url = push_url
+        self.api_url = api_url
+        self.codes: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _send(self, session: requests.Session, what: str, method: str, url: str,
+             **kwargs: Any) -> None:
+        try:
+            with session.request(method, url, timeout=10, **kwargs) as response:
+                key = f"{what} {response.status_code}"
+        except requests.RequestException as exc:
+            key = f"{what} {type(exc).__name__}"
+        self.codes[key] = self.codes.get(key, 0) + 1
+
+    def _run(self) -> None:
+        tasks = f"{self.api_url}/task-completion?window=1h"
+        with requests.Session() as s:
+            # Over the limit even if every worker counts its own window.
+            for _ in range(3 * API_RATE_LIMIT):
+                self._send(s, "burst", "GET", tasks, headers={"X-API-Key": BURST_KEY})
+            tick = 0
+            while not self._stop.is_set():
+                self._send(s, "push", "POST", self.push_url, data=self.LINE,
+                          headers={"Authorization": f"Bearer {PUSH_TOKEN}"})
+                self._send(s, "api", "GET", tasks, headers={"X-API-Key": API_KEY})
+                if tick % 3 == 0:
+                    self._send(s, "push revoked", "POST", self.push_url, data=self.LINE,
+                              headers={"Authorization": "Bearer revoked"})
+                    self._send(s, "api without key", "GET", f"{self.api_url}/export")
+                tick += 1
+                self._stop.wait(self.PERIOD)
+
+
+def _start_api(tmp: Path, config: Path, port: int) -> servers.ProcessHandle:
+    """The API as deployed (gunicorn with api/gunicorn.conf.py), with 2 workers."""
+    metrics_dir = tmp / "api-metrics"
+    metrics_dir.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AICRM_CONFIG": str(config),
+        "AICRM_API_KEYS": f"{API_KEY},{BURST_KEY}",
+        "AICRM_API_BIND": f"127.0.0.1:{port}",
+        "AICRM_API_WORKERS": "2",
+        "AICRM_API_ACCESS_LOG": "off",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    api = servers.ProcessHandle("api", tmp)
+    api.start(
+        [sys.executable, "-m", "gunicorn", "-c", ROOT / "api" / "gunicorn.conf.py",
+         "api:create_app()"],
+        cwd=ROOT, env=env, ready_check=servers.http_ok(f"http://127.0.0.1:{port}/healthz"),
+        timeout=60,
+    )
+    return api
+
+
 @pytest.mark.integration
 def test_every_panel_returns_data(
-    tmp_path: Path, prometheus_factory: Callable[..., servers.PrometheusServer]
+    tmp_path: Path,
+    prometheus_factory: Callable[..., servers.PrometheusServer],
+    alertmanager_factory: Callable[..., servers.AlertmanagerServer],
 ) -> None:
-    """Exporter + simulator (cost-spike incident, so the cheaper-model recommendation
-    fires, and a little noise, so rejected events exist) + Prometheus with the project's
-    rules: every panel query must return at least one series."""
+    """The whole stack, each part real: exporter + simulator (cost-spike incident, so the
+    cheaper-model recommendation fires, and a little noise, so rejected events exist), the
+    REST API under gunicorn, Alertmanager with the shipped routing, and Prometheus with the
+    project's rules, scraping every job of prometheus/prometheus.yml (itself included) and
+    sending its alerts to that Alertmanager; Clients push events and call the API. Every panel
+    query must return at least one series."""
     (tmp_path / "events").mkdir()
-    port = servers.free_port()
-    cfg = _exporter_config(tmp_path, port)
+    port, api_port, prom_port = servers.free_port(), servers.free_port(), servers.free_port()
+    cfg = _stack_config(tmp_path, port, f"http://127.0.0.1:{prom_port}")
     simulator = servers.ProcessHandle("simulator", tmp_path)
     exporter = servers.ProcessHandle("exporter", tmp_path)
+    receiver = servers.WebhookReceiver()
+    api: servers.ProcessHandle | None = None
+    clients: Clients | None = None
     try:
         simulator.start(
             [sys.executable, "-m", "exporter.simulate", "--config", cfg, "--rate", "20",
@@ -413,19 +550,34 @@ def test_every_panel_returns_data(
         exporter.start(
             [sys.executable, "-m", "exporter", "--config", cfg],
             cwd=tmp_path,
+            env={**os.environ, "AICRM_INGEST_TOKEN": PUSH_TOKEN},
             ready_check=servers.http_ok(f"http://127.0.0.1:{port}/healthz"),
         )
+        api = _start_api(tmp_path, cfg, api_port)
+        am = alertmanager_factory(alertmanager_config(tmp_path, receiver.url))
+        jobs = {
+            "aicrm-exporter": f"127.0.0.1:{port}",
+            "aicrm-api": f"127.0.0.1:{api_port}",
+            "prometheus": f"127.0.0.1:{prom_port}",
+            "alertmanager": f"127.0.0.1:{am.port}",
+        }
+        assert set(jobs) == shipped_scrape_jobs(), "scrape every job prometheus.yml scrapes"
         prom = prometheus_factory(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "alerting": {"alertmanagers": [
+                    {"static_configs": [{"targets": [jobs["alertmanager"]]}]}]},
                 "scrape_configs": [
-                    {"job_name": "aicrm-exporter",
-                     "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                    {"job_name": job, "static_configs": [{"targets": [target]}]}
+                    for job, target in jobs.items()
                 ],
             },
             rule_files=_fast_rule_copies(tmp_path / "rules"),
+            port=prom_port,
         )
         prom.wait_for_targets_up()
+        clients = Clients(f"http://127.0.0.1:{port}/v1/events", f"http://127.0.0.1:{api_port}")
+        clients.start()
         targets = [
             (where, substitute(expr, variables, GRAFANA_GLOBALS_FOR_DATA))
             for where, expr, variables in panel_targets()
@@ -438,7 +590,10 @@ def test_every_panel_returns_data(
             for where, promql in targets:
                 if not prom.query(promql):
                     empty.append(f"{where}\n    {promql}")
-        assert not empty, f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
+        assert not empty, (f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
+                           + f"\nclient requests: {clients.codes}")
+        served = set(prom.get_json("/api/v1/label/__name__/values")["data"])
+        assert UPSTREAM_SERIES <= served, f"not served: {sorted(UPSTREAM_SERIES - served)}"
         # A threshold line named by a label ("threshold {{platform}}") must carry it: with a
         # variable at "All" (.*) a selector also matches the exporter's global default, which
         # has no such label and would draw an unnamed line at a limit no series has.
@@ -455,8 +610,13 @@ def test_every_panel_returns_data(
                                 if any(not r["metric"].get(n) for n in names)]
         assert not unnamed, "threshold lines without their legend's label:\n" + "\n".join(unnamed)
     finally:
+        if clients is not None:
+            clients.stop()
+        if api is not None:
+            api.stop()
         exporter.stop()
         simulator.stop()
+        receiver.close()
 
 
 # A busy hour then a quiet one whose ratio is ten times higher: the headline must be the range's

@@ -52,6 +52,7 @@ DASHBOARD_UIDS = {
     "aicrm-workflow",
     "aicrm-integrations",
     "aicrm-executive",
+    "aicrm-stack",
 }
 # "none": AicrmWatchdog, the always-firing heartbeat for a dead man's switch (never to people).
 SEVERITIES = {"page", "ticket", "warning", "info", "recommendation", "none"}
