@@ -165,7 +165,7 @@ def _failed(am: servers.AlertmanagerServer) -> dict[str, float]:
 _PAGE = [{
     "labels": {"alertname": "AicrmExporterJobDown", "severity": "page", "job": "aicrm-exporter"},
     "annotations": {"summary": "s", "description": "d",
-                    "dashboard_url": "http://localhost:3000/d/aicrm-overview",
+                    "dashboard_url": "http://localhost:3000/d/aicrm-stack",
                     "runbook_url": "docs/runbooks.md#aicrmexporterjobdown"},
 }]
 

@@ -168,7 +168,7 @@ def test_incident_alert_reaches_the_webhook(
         assert down, "AicrmExporterDown did not fire after the exporter stopped"
         assert not prom.query("aicrm_link_info")
         assert down[0]["annotations"]["dashboard_url"] == (
-            "https://grafana.example.com/d/aicrm-overview")
+            "https://grafana.example.com/d/aicrm-stack")
         assert down[0]["annotations"]["runbook_url"] == (
             "https://runbooks.example.com/aicrm.md#aicrmexporterdown")
     finally:

@@ -378,7 +378,7 @@ def _shipped_config(tmp_path: Path, webhook_url: str) -> Path:
 _ANNOTATIONS = {
     "summary": "s",
     "description": "d",
-    "dashboard_url": "https://grafana.example.com/d/aicrm-overview",
+    "dashboard_url": "https://grafana.example.com/d/aicrm-stack",
     "runbook_url": "https://runbooks.example.com/aicrm.md#aicrmexporterdown",
 }
 
@@ -587,7 +587,7 @@ def test_vmalert_expands_links_from_aicrm_link_info(
             time.sleep(0.2)
 
     ann = annotations()
-    assert ann["dashboard_url"] == "https://grafana.example.com/d/aicrm-overview", ann
+    assert ann["dashboard_url"] == "https://grafana.example.com/d/aicrm-stack", ann
     assert ann["runbook_url"] == "https://runbooks.example.com/aicrm.md#aicrmexporterdown", ann
 
     # Another exporter publishes links now: they win over any older ones.
@@ -595,6 +595,6 @@ def test_vmalert_expands_links_from_aicrm_link_info(
     push([f'{LINK_INFO.name}{{job="aicrm-exporter",instance="b",{current[1:]} 1 {t * 1000}'
           for t in range(now - 60, now + 600, 15)])
     assert eventually(lambda: annotations()["dashboard_url"]
-                      == "https://current.example.com/grafana/d/aicrm-overview", 30, 0.2), (
+                      == "https://current.example.com/grafana/d/aicrm-stack", 30, 0.2), (
         annotations())
     assert annotations()["runbook_url"] == "docs/runbooks.md#aicrmexporterdown"
