@@ -109,6 +109,10 @@ class MetricStore(Collector):
         """The totals each such source last reported in this process."""
         self._rebuilt_unknown = False
         """Restored from a state file written before ``_rebuilt`` was persisted."""
+        self._positions: dict[str, Any] = {}
+        """Per source reporting totals: the position it handed with its last report (JSON: what
+        it has counted, e.g. the task database's high-water mark); persisted with the counters,
+        so the two always match."""
         self._apply: dict[type, Callable[[Any], None]] = {
             TaskResult: self._task_result,
             LlmCall: self._llm_call,
@@ -153,15 +157,26 @@ class MetricStore(Collector):
             self._cinc(c.LABEL_OVERFLOW, (label,), n)
             self.version += 1
 
-    def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
-                      overflow: Mapping[str, int], newest_ts: float | None) -> None:
-        """Self counts a source recomputes from its own data on every start (the task
-        database's aggregate), given as totals since it started.
+    def source_position(self, source: str) -> Any:
+        """The ``position`` ``source`` last handed to ``source_totals``, as restored from the
+        state file; None if it never handed one (first start, or an older state file)."""
+        with self.lock:
+            return self._positions.get(source)
 
-        The counters restored from the state file already hold what earlier runs added, so
-        the first report of a run adds only what exceeds that (rows that arrived while the
-        exporter was down): a restart makes no jump. A count the source no longer sees (a
-        deleted row) is kept, so nothing goes down. Later reports add their increase.
+    def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
+                      overflow: Mapping[str, int], newest_ts: float | None, *,
+                      position: Any = None, resumed: bool = False) -> None:
+        """Self counts of a source that rebuilds them from its own data on every start (the
+        task database), given as totals since it started.
+
+        ``resumed``: the source counted, this run, only what came after the position that
+        ``source_position`` returned, so the first report is added whole. Otherwise the
+        totals are whole recounts: the counters restored from the state file already hold
+        what earlier runs added, so the first report adds only what exceeds that (rows that
+        arrived while the exporter was down). Either way a restart makes no jump, a count the
+        source no longer sees (a deleted row) is kept, and later reports add their increase.
+        ``position`` (JSON) is saved with the counters and handed back by ``source_position``
+        after a restart.
         """
         totals: dict[tuple[str, LabelValues], float] = {
             (c.SOURCE_EVENTS.name, (source,)): float(events)}
@@ -184,8 +199,10 @@ class MetricStore(Collector):
                                               if name != c.LABEL_OVERFLOW.name else total)
             changed = False
             for (name, key), total in totals.items():
-                inc = total - (last.get((name, key), 0.0) if last is not None
-                           else added.get((name, key), 0.0))
+                if last is not None:
+                    inc = total - last.get((name, key), 0.0)
+                else:
+                    inc = total if resumed else total - added.get((name, key), 0.0)
                 if inc > 0:
                     d = self._counters[name]
                     d[key] = d.get(key, 0.0) + inc
@@ -197,11 +214,15 @@ class MetricStore(Collector):
                 self._source_last[source] = now
             if newest_ts is not None:
                 self._source_lag[source] = max(0.0, now - newest_ts)
+            if position is not None and position != self._positions.get(source):
+                self._positions[source] = position
+                changed = True
             if changed:
                 self.version += 1
 
     def load_rebuilt(self, state: dict[str, Any]) -> None:
-        """Restore, after ``load``, what each ``source_totals`` source has already added."""
+        """Restore, after ``load``, what each ``source_totals`` source has already added and
+        the position it last handed (none in a state file from before positions)."""
         with self.lock:
             rebuilt = state.get("rebuilt")
             self._rebuilt_unknown = rebuilt is None
@@ -209,6 +230,8 @@ class MetricStore(Collector):
                 source: {(row[0], tuple(row[1:-1])): float(row[-1]) for row in rows}
                 for source, rows in (rebuilt or {}).items()
             }
+            positions = state.get("source_positions")
+            self._positions = dict(positions) if isinstance(positions, dict) else {}
 
     def source_status(self, source: str, up: bool) -> None:
         with self.lock:
@@ -532,6 +555,7 @@ class MetricStore(Collector):
                 source: [[name, *key, v] for (name, key), v in added.items()]
                 for source, added in self._rebuilt.items()
             },
+            "source_positions": dict(self._positions),
         }
 
     def load(self, state: dict[str, Any]) -> None:

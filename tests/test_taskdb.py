@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Table, create_engine, text
+from sqlalchemy import Table, bindparam, create_engine, text
 from sqlalchemy.engine import Engine
 
 from exporter import catalog
@@ -50,6 +52,10 @@ class FakeSink:
         self.overflowed: Counter[str] = Counter()
         self.accepted_rows = 0
         self.newest: float | None = None
+        self.saved: Any = None
+        """The position handed back to a new reader (a previous run's, to resume from)."""
+        self.position: Any = None
+        self.resumed: bool | None = None
 
     @property
     def snap(self) -> TaskDbSnapshot:
@@ -62,9 +68,16 @@ class FakeSink:
         assert source == SOURCE
         self.status.append(up)
 
+    def source_position(self, source: str) -> Any:
+        assert source == SOURCE
+        return self.saved
+
     def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
-                      overflow: Mapping[str, int], newest_ts: float | None) -> None:
+                      overflow: Mapping[str, int], newest_ts: float | None, *,
+                      position: Any = None, resumed: bool = False) -> None:
         assert source == SOURCE and set(rejected) <= set(catalog.REJECT_REASONS)
+        assert resumed == (self.saved is not None)
+        self.position, self.resumed = position, resumed
         assert events >= self.accepted_rows  # totals since the reader started
         self.rejected = Counter({r: n for r, n in rejected.items() if n})
         self.overflowed = Counter({label: n for label, n in overflow.items() if n})
@@ -541,45 +554,177 @@ def test_postgres_timestamptz_columns(pg_url: str, cfg: Config, clock: Clock) ->
         d.close()
 
 
+def exporter_config(db: Db, tmp_path: Path) -> Config:
+    return parse_config({**CONFIG, "sources": {"task_db": {"url": db.url}},
+                         "exporter": {"listen": "127.0.0.1:0",
+                                      "state_dir": str(tmp_path / "state")}})
+
+
+def run_exporter(cfg: Config, *while_running: Callable[[], object]) -> tuple[float | None, ...]:
+    """Start an exporter, poll the table and scrape (which persists); then for each of
+    ``while_running``, call it, poll and scrape again; stop. The self counters as served last:
+    (events, rejected as unknown_status, task_type overflows)."""
+    from exporter.runtime import Exporter
+
+    registry = CollectorRegistry(auto_describe=False)
+    e = Exporter(cfg, registry=registry)
+    try:
+        e.taskdb.poll_once()
+        e.render()
+        for action in while_running:
+            action()
+            e.taskdb.poll_once()
+            e.render()
+    finally:
+        e.server.httpd.server_close()
+        e.taskdb.close()
+    get = registry.get_sample_value
+    return (get("aicrm_source_events_total", {"source": SOURCE}),
+            get("aicrm_source_rejected_events_total",
+                {"source": SOURCE, "reason": "unknown_status"}),
+            get("aicrm_label_overflow_total", {"label": "task_type"}))
+
+
+def delete(db: Db, *ids: str) -> None:
+    """A retention purge."""
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM tasks WHERE id IN :ids").bindparams(
+            bindparam("ids", expanding=True)), {"ids": list(ids)})
+
+
 def test_exporter_restart_adds_no_self_counts_twice(db: Db, tmp_path: Path) -> None:
     """The aggregate recounts the table at every start while the state file restores the self
     counters: a restart must not add the table to them again, nor take back a count."""
-    from exporter.runtime import Exporter
-
     db.insert(done("a", finished=900), done("b", finished=600),
               done("c", task_type="ghost-type", finished=300),
               done("d", "exploded", finished=200))
-    cfg = parse_config({**CONFIG, "sources": {"task_db": {"url": db.url}},
-                        "exporter": {"listen": "127.0.0.1:0",
-                                     "state_dir": str(tmp_path / "state")}})
+    cfg = exporter_config(db, tmp_path)
 
-    def run() -> tuple[float | None, ...]:
-        """Start, poll once, scrape (which persists), stop: (events, rejected, overflow)."""
-        registry = CollectorRegistry(auto_describe=False)
-        e = Exporter(cfg, registry=registry)
-        try:
-            e.taskdb.poll_once()
-            e.render()
-        finally:
-            e.server.httpd.server_close()
-            e.taskdb.close()
-        get = registry.get_sample_value
-        return (get("aicrm_source_events_total", {"source": SOURCE}),
-                get("aicrm_source_rejected_events_total",
-                    {"source": SOURCE, "reason": "unknown_status"}),
-                get("aicrm_label_overflow_total", {"label": "task_type"}))
-
-    assert run() == (3, 1, 1)
-    assert run() == (3, 1, 1)
-    assert run() == (3, 1, 1)
+    assert run_exporter(cfg) == (3, 1, 1)
+    assert run_exporter(cfg) == (3, 1, 1)
+    assert run_exporter(cfg) == (3, 1, 1)
     # Finished while the exporter was down: counted once at the next start.
     db.insert(done("e", finished=100), done("f", "broken", task_type="ghost-type", finished=90))
-    assert run() == (4, 2, 1)
+    assert run_exporter(cfg) == (4, 2, 1)
     # Deleted while down: the aggregate no longer sees them, the counters keep them.
-    with db.engine.begin() as conn:
-        conn.execute(text("DELETE FROM tasks WHERE id IN ('a', 'c', 'd')"))
-    assert run() == (4, 2, 1)
-    assert run() == (4, 2, 1)
+    delete(db, "a", "c", "d")
+    assert run_exporter(cfg) == (4, 2, 1)
+    assert run_exporter(cfg) == (4, 2, 1)
+
+
+def test_exporter_restart_after_a_purge_while_down_counts_the_new_rows(db: Db,
+                                                                       tmp_path: Path) -> None:
+    """While the exporter is down a purge deletes counted rows and new rows finish: the next
+    start adds exactly the new rows to the self counters (the deleted ones do not hide
+    them), whether the aggregate reads them in bulk or the start reads them one by one."""
+    db.insert(done("a", finished=900), done("b", finished=800),
+              done("c", task_type="ghost-type", finished=700),
+              done("d", "exploded", finished=600), done("e", finished=500))
+    cfg = exporter_config(db, tmp_path)
+    assert run_exporter(cfg) == (4, 1, 1)
+
+    delete(db, "a", "b", "c", "d")
+    db.insert(done("f", finished=300), done("g", "broken", finished=200),  # the aggregate's
+              done("h", task_type="ghost-type", finished=20), done("i", finished=10))
+    assert run_exporter(cfg) == (7, 2, 2)
+    assert run_exporter(cfg) == (7, 2, 2)
+    delete(db, "e", "f", "g", "h")
+    assert run_exporter(cfg) == (7, 2, 2)
+
+
+def test_exporter_restart_after_a_purge_while_running_counts_the_new_rows(
+        db: Db, tmp_path: Path) -> None:
+    """A purge while the exporter runs takes nothing from the next start either."""
+    db.insert(done("a", finished=900), done("b", finished=800),
+              done("c", task_type="ghost-type", finished=700), done("d", "exploded", finished=600))
+    cfg = exporter_config(db, tmp_path)
+
+    def purge() -> None:
+        delete(db, "a", "b", "c", "d")
+        db.insert(done("e", finished=500))
+
+    assert run_exporter(cfg, purge) == (4, 1, 1)
+    db.insert(done("f", finished=300), done("g", "broken", finished=200),
+              done("h", task_type="ghost-type", finished=20))
+    assert run_exporter(cfg) == (6, 2, 2)
+    assert run_exporter(cfg, lambda: delete(db, "e", "f", "g")) == (6, 2, 2)
+    db.insert(done("i", finished=10))
+    assert run_exporter(cfg) == (7, 2, 2)
+
+
+@pytest.mark.parametrize("written_before", [("source_positions",),
+                                            ("source_positions", "rebuilt")],
+                         ids=["without-mark", "without-mark-or-rebuilt"])
+def test_exporter_restart_from_a_state_file_without_the_mark(
+        db: Db, tmp_path: Path, written_before: tuple[str, ...]) -> None:
+    """A state file from before the mark was saved (and one from before the added counts
+    were): that start adds what exceeds the counts already added, as those versions did, and
+    saves a mark; from the next start on, a purge hides nothing."""
+    db.insert(done("a", finished=900), done("b", finished=800),
+              done("c", task_type="ghost-type", finished=700), done("d", "exploded", finished=600))
+    cfg = exporter_config(db, tmp_path)
+    assert run_exporter(cfg) == (3, 1, 1)
+    state_file = tmp_path / "state" / "exporter-state.json"
+    state = json.loads(state_file.read_text())
+    for key in written_before:
+        state.pop(key, None)
+    state_file.write_text(json.dumps(state))
+
+    db.insert(done("e", finished=500))
+    assert run_exporter(cfg) == (4, 1, 1)
+    delete(db, "a", "b", "c", "d")
+    db.insert(done("f", finished=300), done("g", "broken", task_type="ghost-type", finished=200))
+    assert run_exporter(cfg) == (5, 2, 1)
+    assert "mark" in json.loads(state_file.read_text())["source_positions"][SOURCE]
+
+
+def test_restart_counts_only_rows_after_the_saved_mark(db: Db, cfg: Config,
+                                                       clock: Clock) -> None:
+    """The reader hands its high-water mark with its counts; a reader started from it counts
+    into its own counters only the rows that finished after it: a row at the very instant of
+    the mark but not counted yet is, a row already counted ahead of the clock (a writer's clock
+    ahead) and a rejected row without finished_at are not, nor is a late commit below the mark.
+    The task families still count the whole table."""
+    db.insert(done("old", finished=3600), done("t1", finished=0),  # t1: at the mark (now)
+              done("ahead", finished=-30),  # finished 30 s in the reader's future
+              {**done("no-end"), "finished_at": None}, done("bad", started=10, finished=50))
+    first = FakeSink()
+    with reader(db, cfg, first, clock) as r:
+        r.poll_once()
+    assert first.accepted_rows == 3 and first.rejected == {"missing_field": 1,
+                                                           "bad_timestamps": 1}
+
+    # Down for an hour: a purge, rows finished since the mark (one at its very instant), a late
+    # commit below it, a new rejected row.
+    clock.now += 3600
+    delete(db, "old", "bad")
+    db.insert(done("t2", finished=0), done("late", finished=60),
+              done("new1", finished=-1800),  # read by the start-up aggregate
+              done("new2", task_type="ghost-type", finished=-3590),  # read one by one
+              {**done("no-end2", "failed"), "finished_at": None})
+    second = FakeSink()
+    second.saved = first.position
+    with reader(db, cfg, second, clock) as r:
+        r.poll_once()
+        assert second.accepted_rows == 3  # t2, new1, new2
+        assert second.rejected == {"missing_field": 1} and second.overflowed == {"task_type": 1}
+        assert counted(second.snap) == 6  # t1, ahead, t2, late, new1, new2
+        db.insert(done("new3", finished=-3595))
+        clock.now += 1
+        r.poll_once()
+        assert second.accepted_rows == 4 and counted(second.snap) == 7
+
+    third = FakeSink()
+    third.saved = second.position
+    with reader(db, cfg, third, clock) as r:
+        r.poll_once()
+    assert third.accepted_rows == 0 and not third.rejected and not third.overflowed
+    assert counted(third.snap) == 7
+    # The mark is capped at the clock; the rows saved with it: those counted at or above it.
+    assert first.resumed is False and second.resumed is third.resumed is True
+    assert first.position == {"mark": NOW.isoformat(),
+                              "top": [["ahead", ago(-30).isoformat()], ["t1", NOW.isoformat()]],
+                              "unfinished_bad": ["no-end"], "unreadable": []}
 
 
 def test_sqlite_timestamps_in_other_formats(tmp_path: Path, cfg: Config, clock: Clock,
@@ -656,6 +801,24 @@ def test_sqlite_timestamps_in_other_formats(tmp_path: Path, cfg: Config, clock: 
         again.add_source(SOURCE)
         with TaskDbReader(d.settings, again.labels, again, clock=clock) as r:
             assert poll(r, again) == got
+
+        # Down for a while, restarted from the saved state: a purge, a row finished since the
+        # mark in each format (SQLAlchemy's, read by the aggregate; 'Z', read one by one).
+        # Only those two are added; 'junk' (remembered with the mark) is not rejected again.
+        with store.lock:
+            state = msgspec.json.decode(msgspec.json.encode(store.dump()))
+        clock.now += 200
+        with d.engine.begin() as conn:
+            conn.execute(text("DELETE FROM tasks WHERE id IN ('a', 'z-old')"))
+        d.insert(done("d", finished=-560))  # ran 100 s
+        raw("z-down", z(-600), z(-650), z(-700))  # ran 50 s
+        resumed = MetricStore(cfg, clock=clock)
+        resumed.load(state)
+        resumed.load_rebuilt(state)
+        resumed.add_source(SOURCE)
+        with TaskDbReader(d.settings, resumed.labels, resumed, clock=clock) as r:
+            assert poll(r, resumed) == {"up": 1, "completed": 6, "duration_sum": 480,
+                                        "events": 8, "bad": 2}
     finally:
         d.close()
 

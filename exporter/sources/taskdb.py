@@ -8,8 +8,12 @@ Whether a row is valid, why it is rejected and which histogram bucket it falls i
 one SQL expression shared by both reads, so both reads agree to the row. docs/task-db.md has
 the full argument and the indexes it relies on.
 
-The reader's own counts (rows counted, rejected by reason, label overflows) are totals too,
-handed to the sink whole: the sink adds only what a previous run has not already added.
+The reader's own counts (rows counted, rejected by reason, label overflows) live in the state
+file with the other sources' counters, so a start must not count again what an earlier run
+counted, even if the table has lost those rows since. With every report the reader hands the
+sink its high-water mark (the newest ``finished_at`` read, and the rows counted at or above it);
+the sink saves it with the counters, and the next start counts into these only the rows
+finished after it.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from typing import Any, Protocol
 
 from sqlalchemy import (
+    DateTime,
     Float,
     and_,
+    bindparam,
     case,
     cast,
     create_engine,
@@ -76,10 +83,17 @@ class Sink(Protocol):
 
     def source_status(self, source: str, up: bool) -> None: ...
 
+    def source_position(self, source: str) -> Any:
+        """The ``position`` last handed to ``source_totals`` by an earlier run, or None."""
+        ...
+
     def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
-                      overflow: Mapping[str, int], newest_ts: float | None) -> None:
-        """Rows counted, rejected (by reason) and label overflows since this reader started,
-        the start-up aggregate included; ``newest_ts`` is the newest row counted by this poll."""
+                      overflow: Mapping[str, int], newest_ts: float | None, *,
+                      position: Any = None, resumed: bool = False) -> None:
+        """Rows counted, rejected (by reason) and label overflows since this reader started;
+        ``newest_ts`` is the newest row counted by this poll. ``resumed``: these count only
+        rows after the position ``source_position`` gave (else the start-up aggregate's whole
+        table is included). ``position`` (JSON) is what to hand back after a restart."""
         ...
 
 
@@ -136,6 +150,7 @@ class _Queries:
     def __init__(self, settings: TaskDbSource, dialect: str) -> None:
         t = tasks_table(settings.table, settings.columns)
         self.table = t
+        self.dialect = dialect
         c = t.c
         status, started = c.status, c.started_at
         dur = _seconds(dialect, started, c.finished_at)
@@ -197,6 +212,43 @@ class _Queries:
         return (select(rows.c.id, rows.c.reason)
                 .where(rows.c.reason.startswith(_UNREADABLE)).limit(limit))
 
+    def _time(self, value: Any) -> Any:
+        """A finished_at (column or bound) as a comparable time. SQLite compares text, which
+        does not sort other ISO 8601 forms in time order; julianday() reads them (to the ms)."""
+        if self.dialect != "sqlite":
+            return value
+        if isinstance(value, datetime):
+            value = bindparam(None, value, type_=DateTime())
+        return func.julianday(value)
+
+    def _from(self, when: datetime) -> Any:
+        """An index range holding every row that finished at ``when`` or later: on SQLite,
+        where ``_time`` is not indexed, loose enough for any ISO 8601 text (an offset moves
+        its date by less than a day)."""
+        if self.dialect != "sqlite":
+            return self.finished >= when
+        return self.finished >= datetime.combine(when.date() - timedelta(days=2), dt_time())
+
+    def after_mark(self, cutoff: datetime, mark: datetime | None,
+                   marks: Sequence[datetime]) -> Any:
+        """Self counts of the rows the aggregate reads (``finished_at <= cutoff``) that
+        finished after ``mark`` at none of the times ``marks``: (task_type, agent, reason, n)."""
+        t = self._time
+        q = self.row.where(self.finished <= cutoff)
+        if mark is not None:
+            q = q.where(self._from(mark), t(self.finished) > t(mark))
+        if marks:
+            q = q.where(t(self.finished).not_in([t(m) for m in marks]))
+        rows = q.subquery()
+        keys = (rows.c.task_type, rows.c.agent, rows.c.reason)
+        return select(*keys, func.count()).group_by(*keys)
+
+    def at_marks(self, cutoff: datetime, marks: Sequence[datetime]) -> Any:
+        """The rows the aggregate reads that finished at one of the times ``marks``."""
+        t = self._time
+        return self.row.where(self.finished <= cutoff, self._from(min(marks)),
+                              t(self.finished).in_([t(m) for m in marks]))
+
     def rows_above(self, floor: datetime | None) -> Any:
         return self.row if floor is None else self.row.where(self.finished > floor)
 
@@ -237,6 +289,59 @@ class _Read:
     unfinished_bad: list[Any] = field(default_factory=list)
     unreadable: list[Any] = field(default_factory=list)
     """(id, reason) of some aggregated rows with an unreadable timestamp."""
+    saved: _Saved | None = None
+    """The high-water mark of the previous run (start-up only; None: count the whole table)."""
+    after: list[Any] = field(default_factory=list)
+    """Self counts of the aggregated rows that finished after the saved mark."""
+    at_marks: list[Any] = field(default_factory=list)
+    """The aggregated rows that finished at the saved mark or at a saved row's time."""
+
+
+def _key(id_: Any) -> Any:
+    """An id as the state file keeps it: an int or a string as it is, anything else (a UUID)
+    as its text, the same before and after a restart."""
+    if isinstance(id_, (int, str)) and not isinstance(id_, bool):
+        return id_
+    return str(id_)
+
+
+@dataclass(frozen=True, slots=True)
+class _Saved:
+    """What an earlier run counted into the self counters, as the state file holds it.
+
+    Every row with ``finished_at`` before ``mark``, the rows ``top`` names (counted, with
+    ``finished_at`` at or after ``mark``), the rows without ``finished_at`` rejected
+    (``unfinished_bad``) and the rows with an unreadable ``finished_at`` rejected
+    (``unreadable``; SQLite only). The rest is new to these counters.
+    """
+
+    mark: datetime | None
+    top: dict[Any, datetime]
+    unfinished_bad: frozenset[Any]
+    unreadable: frozenset[Any]
+
+    def new(self, id_: Any, fin: datetime) -> bool:
+        """Whether a row read with this ``finished_at`` was not counted by that run."""
+        return (self.mark is None or fin >= self.mark) and _key(id_) not in self.top
+
+    @classmethod
+    def parse(cls, raw: Any) -> _Saved | None:
+        """The position saved by ``TaskDbReader._position``; None (with a warning) if it is
+        not one: the reader then counts the whole table, as after an older state file."""
+        if raw is None:
+            return None
+        try:
+            mark = raw["mark"]
+            return cls(
+                mark=None if mark is None else datetime.fromisoformat(mark),
+                top={k: datetime.fromisoformat(f) for k, f in raw["top"]},
+                unfinished_bad=frozenset(raw["unfinished_bad"]),
+                unreadable=frozenset(raw["unreadable"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("task database: the saved high-water mark is unreadable (%s: %s); "
+                        "recounting the table", type(exc).__name__, exc)
+            return None
 
 
 def _utc(value: Any) -> datetime | None:
@@ -350,6 +455,8 @@ class TaskDbReader:
         self._seen: dict[Any, datetime] = {}
         """Ids read above the floor (counted or rejected), with the finished_at read."""
         self._heap: list[tuple[datetime, Any]] = []
+        self._top: set[Any] = set()
+        """Seen ids whose finished_at is at or above the mark: saved with it."""
         self._ahead: set[Any] = set()
         """Seen ids whose finished_at is above the mark (clock skew, future dates)."""
         self._unfinished_bad: set[Any] = set()
@@ -358,7 +465,9 @@ class TaskDbReader:
         self._events = 0
         self._rejected: Counter[str] = Counter()
         self._overflowed: Counter[str] = Counter()
-        """The reader's own counts since it started, reported whole to the sink."""
+        """The reader's own counts since it started, reported whole to the sink: rows after
+        the saved high-water mark, or the whole table if there was none (``_resumed``)."""
+        self._resumed = False
 
         types, agents = labels.task_types.with_other(), labels.agents.with_other()
         self._totals: dict[tuple[str, str, str], int] = {
@@ -431,6 +540,7 @@ class TaskDbReader:
         read = _Read(floor=self._floor)
         if not self._ready:
             read.initial = True
+            read.saved = _Saved.parse(self._sink.source_position(SOURCE))
             newest = _utc(conn.execute(q.newest).scalar())
             if newest is not None:
                 read.newest = min(newest, _utc_now(now))
@@ -443,6 +553,15 @@ class TaskDbReader:
                 read.aggregate = list(conn.execute(q.aggregate(read.floor)))
                 if any(str(r.reason).startswith(_UNREADABLE) for r in read.aggregate):
                     read.unreadable = list(conn.execute(q.unreadable_ids(read.floor, 10)))
+                saved = read.saved
+                if saved is not None:
+                    # The aggregated rows new to the self counters: in bulk those after the
+                    # mark, one by one those at a time the saved rows hold (ties, skew).
+                    marks = sorted({*saved.top.values(),
+                                    *(() if saved.mark is None else (saved.mark,))})
+                    read.after = list(conn.execute(q.after_mark(read.floor, saved.mark, marks)))
+                    if marks:
+                        read.at_marks = list(conn.execute(q.at_marks(read.floor, marks)))
                 if pg:
                     conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
             read.rows = list(conn.execute(q.rows_above(read.floor)))
@@ -467,17 +586,33 @@ class TaskDbReader:
         rejects: Counter[str] = Counter()
         overflow: Counter[str] = Counter()
         counted = 0
+        """Rows counted into the task families (whose newest gives the lag)."""
+        events = 0
+        """Rows counted into the reader's own counters."""
         newest: datetime | None = None
+        saved = read.saved if read.initial else None
 
         if read.initial:
+            self._resumed = saved is not None
             unreadable = 0
             for tt, ag, st, reason, dur_b, wait_b, n, dur_sum, wait_sum in read.aggregate or ():
                 if reason == _OK:
-                    self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n, overflow)
+                    self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n)
                     counted += n
                 elif reason != _OPEN:
-                    rejects[_public(reason)] += n
                     unreadable += n if reason.startswith(_UNREADABLE) else 0
+                if saved is None:
+                    events += self._tally(tt, ag, reason, n, rejects, overflow)
+            if saved is not None:
+                for tt, ag, reason, n in read.after:
+                    events += self._tally(tt, ag, reason, n, rejects, overflow)
+                for id_, tt, ag, _st, raw_fin, reason, *_ in read.at_marks:
+                    try:
+                        fin = _utc(raw_fin)
+                    except ValueError:
+                        continue  # SQLite placed it in time, Python cannot: as old as it gets
+                    if fin is not None and saved.new(id_, fin):
+                        events += self._tally(tt, ag, reason, 1, rejects, overflow)
             for id_, reason in read.unreadable:
                 self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
             more = unreadable - len(read.unreadable)  # named above: at most 10
@@ -500,9 +635,11 @@ class TaskDbReader:
                 fin = _utc(raw_fin)
             except ValueError as exc:
                 if reason != _OPEN and id_ not in self._seen:
-                    # No time to place it by: rejected once, remembered by id while read.
+                    # No time to place it by: rejected once, remembered by id while read
+                    # (and across restarts, with the mark).
                     self._unreadable.add(id_)
-                    rejects["bad_timestamps"] += 1
+                    if saved is None or _key(id_) not in saved.unreadable:
+                        rejects["bad_timestamps"] += 1
                     self._log_unreadable(id_, "finished_at", exc)
                 continue
             assert fin is not None  # the query reads finished_at IS NOT NULL
@@ -519,18 +656,19 @@ class TaskDbReader:
             heapq.heappush(self._heap, (fin, id_))
             added.append(id_)
             if reason == _OK:
-                self._count(tt, ag, st, dur_b, dur, wait_b, wait, 1, overflow)
+                self._count(tt, ag, st, dur_b, dur, wait_b, wait, 1)
                 counted += 1
                 if newest is None or fin > newest:
                     newest = fin
-            else:
-                rejects[_public(reason)] += 1
-                if reason.startswith(_UNREADABLE):
-                    self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
+            elif reason.startswith(_UNREADABLE):
+                self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
+            if saved is None or saved.new(id_, fin):
+                events += self._tally(tt, ag, reason, 1, rejects, overflow)
         if read.full_window:
             # Ids above the floor that are gone (deleted, reopened): forget them.
             for id_ in [i for i in self._seen if i not in fetched]:
                 del self._seen[id_]
+                self._top.discard(id_)
                 self._ahead.discard(id_)
             self._unreadable &= fetched
         self._advance(mark, now, added)
@@ -540,16 +678,34 @@ class TaskDbReader:
             current[id_] = "unknown_status" if st is not None and st not in STATUSES \
                 else "missing_field"
         for id_, reason in current.items():
-            if id_ not in self._unfinished_bad:
+            if id_ not in self._unfinished_bad and (
+                    saved is None or _key(id_) not in saved.unfinished_bad):
                 rejects[reason] += 1
         self._unfinished_bad = set(current)
 
-        self._events += counted
+        self._events += events
         self._rejected.update(rejects)
         self._overflowed.update(overflow)
         self._sink.source_totals(SOURCE, self._events, self._rejected, self._overflowed,
-                                 None if newest is None or not counted else _epoch(newest))
+                                 None if newest is None or not counted else _epoch(newest),
+                                 position=self._position(), resumed=self._resumed)
         self._sink.task_snapshot(self._snapshot(read.open, now))
+
+    def _position(self) -> dict[str, Any]:
+        """What this run has counted into its own counters, for the state file (``_Saved``):
+        the mark and the rows at or above it, the rejected rows no time places. Its size
+        follows those rows, not the lookback window."""
+        seen = self._seen
+
+        def ids(keys: Iterable[Any]) -> list[Any]:
+            return sorted(keys, key=str)
+
+        return {
+            "mark": None if self._mark is None else self._mark.isoformat(),
+            "top": ids([_key(i), seen[i].isoformat()] for i in self._top),
+            "unfinished_bad": ids(_key(i) for i in self._unfinished_bad),
+            "unreadable": ids(_key(i) for i in self._unreadable),
+        }
 
     def _log_unreadable(self, id_: Any, key: str, exc: BaseException | None = None) -> None:
         column = getattr(self._settings.columns, key)
@@ -576,17 +732,30 @@ class TaskDbReader:
         if len(heap) > 2 * len(seen) + 1024:
             self._heap = [(f, i) for i, f in seen.items()]
             heapq.heapify(self._heap)
-        self._ahead = {i for i in (*self._ahead, *added) if i in seen and seen[i] > mark}
+        # Seen ids at or above the mark were at or above the previous one, or are new.
+        self._top = {i for i in (*self._top, *added) if i in seen and seen[i] >= mark}
+        self._ahead = {i for i in self._top if seen[i] > mark}
+
+    def _tally(self, tt: str | None, ag: str | None, reason: str, n: int,
+               rejects: Counter[str], overflow: Counter[str]) -> int:
+        """Count ``n`` rows into the reader's own counters; returns the rows counted."""
+        if reason == _OK:
+            types, agents = self._labels.task_types, self._labels.agents
+            if tt not in types:
+                overflow[types.label] += n
+            if ag is not None and ag not in agents:
+                overflow[agents.label] += n
+            return n
+        if reason != _OPEN:
+            rejects[_public(reason)] += n
+        return 0
 
     def _count(
         self, tt: str, ag: str | None, st: str, dur_b: int | None, dur: float | None,
-        wait_b: int | None, wait: float | None, n: int, overflow: Counter[str],
+        wait_b: int | None, wait: float | None, n: int,
     ) -> None:
+        """Count ``n`` terminal rows into the task families."""
         types, agents = self._labels.task_types, self._labels.agents
-        if tt not in types:
-            overflow[types.label] += n
-        if ag is not None and ag not in agents:
-            overflow[agents.label] += n
         t = types.map(tt)
         a = UNASSIGNED if ag is None else agents.map(ag)
         key = (t, a, st)
