@@ -13,7 +13,13 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
@@ -61,6 +67,12 @@ class Exporter:
         self.store = MetricStore(cfg)
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(self.store)
+        # The process's own health, as every client_python exporter serves it (CPU, resident
+        # memory, open descriptors against the limit, start time, the Python version and its
+        # garbage collector): the stack health dashboard and a leak's alert read them.
+        self.process_registry = CollectorRegistry(auto_describe=False)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.process_registry)
         self.state = StateFile(cfg.exporter.state_dir)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -125,7 +137,8 @@ class Exporter:
                 self.checkpointer.checkpoint()
             except OSError:
                 log.exception("cannot write state; serving anyway")
-            return self.store.render_text()
+            text = self.store.render_text()
+        return text + generate_latest(self.process_registry)
 
     def _push(self, body: bytes, key: str | None = None) -> tuple[int, dict[str, Any], bool]:
         """(status, answer, replayed): with an Idempotency-Key, a batch already answered gets

@@ -2,16 +2,18 @@ import math
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalog
-from exporter.config import load_config
+from exporter.config import load_config, parse_config
 from exporter.events import HistogramData, TaskDbSnapshot, decode_line
 from exporter.metrics import MetricStore, status_class
-from tests.helpers import make_config, store_and_registry
+from tests.helpers import config_dict, make_config, store_and_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
@@ -379,3 +381,23 @@ def test_agents_task_types_limit_precreated_series() -> None:
         "agent": "lead-qualifier", "task_type": "write_email", "outcome": "success"}) is None
     assert g("aicrm_agent_task_results_total", {
         "agent": "email-writer", "task_type": "write_email", "outcome": "success"}) == 0
+
+
+def test_the_exporter_serves_its_process_metrics(tmp_path: Path) -> None:
+    """CPU, memory, descriptors and start time of the exporter process, as every client_python
+    exporter serves them, after the catalog's families."""
+    from exporter.runtime import Exporter
+
+    exporter = Exporter(parse_config(config_dict(exporter={"listen": "127.0.0.1:0",
+                                                           "state_dir": str(tmp_path)})))
+    exporter.start()
+    try:
+        text = exporter.render().decode()
+    finally:
+        exporter.stop()
+    values = {s.name: s.value for fam in text_string_to_metric_families(text)
+              for s in fam.samples if not s.labels}
+    assert values["process_resident_memory_bytes"] > 1e6
+    assert 0 < values["process_open_fds"] < values["process_max_fds"]
+    assert 0 <= time.time() - values["process_start_time_seconds"] < 86400
+    assert text.index("process_cpu_seconds_total") > text.index("aicrm_")

@@ -37,7 +37,8 @@ def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = requests.get(url + "/metrics", timeout=10).text
     out = {}
     for fam in text_string_to_metric_families(text):
-        if fam.type != "counter" and fam.type != "histogram":
+        # The exporter's own counters; the process's (process_*, python_gc_*) start over.
+        if fam.type not in ("counter", "histogram") or not fam.name.startswith("aicrm_"):
             continue
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value

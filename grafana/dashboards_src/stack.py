@@ -657,8 +657,8 @@ def am_failed() -> timeseries.Panel:
 # --- Processes -----------------------------------------------------------------------------
 
 PROCESSES = (
-    "Prometheus and Alertmanager (the exporter serves only its catalog, and the API's "
-    "multiprocess metrics carry no process series)"
+    "the exporter, Prometheus and Alertmanager (the API's gunicorn workers serve their request "
+    "metrics in multiprocess mode, which carries no process series)"
 )
 
 
