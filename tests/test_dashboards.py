@@ -141,6 +141,7 @@ UPSTREAM_SERIES = {
     "scrape_duration_seconds",
     "scrape_samples_scraped",
     "prometheus_config_last_reload_successful",
+    "prometheus_http_request_duration_seconds_bucket",
     "prometheus_notifications_alertmanagers_discovered",
     "prometheus_notifications_dropped_total",
     "prometheus_notifications_errors_total",
