@@ -378,18 +378,51 @@ def datasource_variable() -> dashboard.DatasourceVariable:
 
 def label_variable(name: str, label: str, series: str) -> dashboard.QueryVariable:
     """A multi-value variable over a label of a recorded series; "All" matches everything."""
+    return _multi_variable(name, label, f"label_values({series}, {name})").all_value(".*")
+
+
+def _multi_variable(name: str, label: str, query: str) -> dashboard.QueryVariable:
     return (
         dashboard.QueryVariable(name)
         .label(label)
         .datasource(DATASOURCE)
-        .query(f"label_values({series}, {name})")
+        .query(query)
         .current(model.VariableOption(selected=True, text="All", value="$__all"))
         .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(model.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
         .include_all(True)
-        .all_value(".*")
     )
+
+
+AGENT_INFO = "aicrm_agent_info"
+"""`aicrm_agent_info{agent, team} 1` per agent declared in config.json (none for `other`)."""
+
+
+def team_variable() -> dashboard.QueryVariable:
+    """The teams that own the declared agents (config.json `agents[].team`); goes before
+    `agent_variable`, which it narrows."""
+    return label_variable("team", "Team", AGENT_INFO)
+
+
+def agent_variable(series: str) -> dashboard.QueryVariable:
+    """The agents of a recorded series, narrowed to those of the teams picked in `team`.
+
+    Grafana sends a `label_values(<selector>, agent)` query to Prometheus as the `match[]` of
+    /api/v1/label/agent/values, which takes series selectors only: no `and on (agent)` join
+    with aicrm_agent_info. So one selector reads two series at once. `series` has no `team`
+    label, and a missing label matches a regex only if the regex matches "": team=All
+    (allValue `.*`) keeps every agent with data, the fallback `other` (which has no info
+    series) included, while a picked team matches none of them. aicrm_agent_info then
+    supplies exactly the picked teams' agents (under All it adds only declared agents, which
+    the exporter starts at 0, so they are there anyway).
+
+    No allValue: "All" agents is then the list this query returned, written as a regex of
+    its values, so with a team picked and agent at All the panels (`agent=~"$agent"`) show
+    that team's agents; `.*` would show everyone's.
+    """
+    selector = f'{{__name__=~"{series}|{AGENT_INFO}", team=~"$team"}}'
+    return _multi_variable("agent", "Agent", f"label_values({selector}, agent)")
 
 
 class _PrometheusAnnotation(model.AnnotationQuery):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +80,25 @@ def queries(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
             yield f"{dash['uid']} / annotation {ann['name']}", ann["expr"]
     for var in dash["templating"]["list"]:
         if var["type"] == "query":
-            match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"])
+            match = LABEL_VALUES.fullmatch(var["query"])
             assert match, f"{dash['uid']} variable {var['name']}: {var['query']!r}"
             yield f"{dash['uid']} / variable {var['name']}", match.group(1)
 
 
-def panel_targets() -> list[tuple[str, str, set[str]]]:
-    """(where, PromQL, dashboard variables) for every panel target of every dashboard."""
+LABEL_VALUES = re.compile(r"label_values\((.*),\s*(\w+)\)")
+"""A `label_values(<selector>, <label>)` variable query."""
+
+
+def variable(dash: dict[str, Any], name: str) -> dict[str, Any]:
+    (var,) = (v for v in dash["templating"]["list"] if v["name"] == name)
+    return var
+
+
+def dashboard_targets(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target of a dashboard."""
     return [
-        (f"{d['uid']} / {p['title']} / {t['refId']}", t["expr"], variable_names(d))
-        for d in DASHBOARDS.values()
-        for p in panels(d)
+        (f"{dash['uid']} / {p['title']} / {t['refId']}", t["expr"])
+        for p in panels(dash)
         for t in p.get("targets", [])
     ]
 
@@ -107,16 +115,20 @@ GRAFANA_GLOBALS_FOR_PARSING = {
 }
 
 
-def substitute(expr: str, variables: set[str], globals_: dict[str, str]) -> str:
-    """Expand Grafana variables as Grafana does: globals to durations, a multi-value
-    dashboard variable set to "All" to its allValue `.*` (it only appears in =~ matchers)."""
+def substitute(
+    expr: str, variables: set[str] | Mapping[str, str], globals_: dict[str, str]
+) -> str:
+    """Expand Grafana variables as Grafana does: globals to durations, dashboard variables
+    to the text Grafana writes for them (`grafana_variables`), or given only their names, to
+    `.*`, which parses wherever a multi-value variable appears (only in =~ matchers)."""
+    values = variables if isinstance(variables, Mapping) else dict.fromkeys(variables, ".*")
 
     def expand(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
         if name in globals_:
             return globals_[name]
-        if name in variables:
-            return ".*"
+        if name in values:
+            return values[name]
         return match.group(0)  # e.g. label_replace's "$1"
 
     return re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)", expand, expr)
@@ -180,12 +192,17 @@ def known_series() -> set[str]:
 
 def metric_names(expr: str) -> set[str]:
     """Series names a PromQL expression selects: strings, matchers, ranges, grouping label
-    lists, functions and keywords removed."""
+    lists, functions and keywords removed; plus those a `__name__` matcher lists."""
+    names = {
+        name
+        for value in re.findall(r'__name__\s*=~?\s*"([^"]*)"', expr)
+        for name in value.split("|")
+        if re.fullmatch(r"[A-Za-z_:][\w:]*", name)
+    }
     text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
     text = re.sub(r"\{[^}]*\}", " ", text)
     text = re.sub(r"\[[^\]]*\]", " ", text)
     text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    names = set()
     for match in re.finditer(r"(?<![\w:.])([A-Za-z_:][\w:]*)(\s*\()?", text):
         word, call = match.group(1), match.group(2)
         if not call and word.lower() not in PROMQL_WORDS:
@@ -200,6 +217,8 @@ def test_metric_name_parser() -> None:
         "and bool max(aicrm_threshold{name=\"x\"}) * 1e3 or vector(0)"
     )
     assert metric_names(expr) == {"aicrm_agent_retries_total", "up", "aicrm_threshold"}
+    assert metric_names('{__name__=~"a:b:rate1h|aicrm_agent_info", team=~".*"}') == {
+        "a:b:rate1h", "aicrm_agent_info"}
 
 
 # --- Generation -------------------------------------------------------------------------------
@@ -257,7 +276,34 @@ def test_template_rules(name: str) -> None:
         assert re.fullmatch(r"label_values\(.+,\s*\w+\)", var["query"]), var["name"]
         assert var["refresh"] == 2, f"{var['name']} must refresh on time range change"
         assert var["datasource"]["uid"] == "${datasource}"
-        assert var["includeAll"] and var["allValue"] == ".*"
+        assert var["includeAll"] and var["multi"]
+        if re.search(r"\$\w", var["query"]):
+            # Chained: at All, Grafana writes the values the query listed, so the panels
+            # follow the variables it depends on (an allValue would match everyone).
+            assert "allValue" not in var, var["name"]
+        else:
+            assert var["allValue"] == ".*", var["name"]
+
+
+AGENT_DASHBOARDS = sorted(n for n, d in DASHBOARDS.items() if "agent" in variable_names(d))
+
+
+@pytest.mark.parametrize("name", AGENT_DASHBOARDS)
+def test_agent_variable_is_narrowed_by_team(name: str) -> None:
+    """A `team` variable over config.json's owning teams comes before `agent`, whose query
+    reads it; what it returns is checked against a real Prometheus in
+    test_every_panel_returns_data."""
+    dash = DASHBOARDS[name]
+    order = [v["name"] for v in dash["templating"]["list"]]
+    assert "team" in order and order.index("team") < order.index("agent"), order
+    team = variable(dash, "team")
+    assert team["query"] == "label_values(aicrm_agent_info, team)"
+    assert (team["label"], team["multi"], team["includeAll"], team["allValue"], team["sort"]) == (
+        "Team", True, True, ".*", 1)
+    assert team["current"]["value"] == "$__all"
+    agent = variable(dash, "agent")
+    assert 'team=~"$team"' in agent["query"]
+    assert "allValue" not in agent, "agent=All must mean the listed (the teams') agents"
 
 
 @pytest.mark.parametrize("name", sorted(DASHBOARDS))
@@ -354,7 +400,10 @@ def test_open_recommendations_select_every_recommendation_rule() -> None:
     table selects by severity, never by rule name, and hides no label but the alert's own."""
     (panel,) = (p for p in panels(DASHBOARDS["executive"]) if p["title"] == "Open recommendations")
     (expr,) = (t["expr"] for t in panel["targets"])
-    assert re.fullmatch(r'ALERTS\{alertstate="firing", severity="recommendation"\}', expr)
+    # With teams picked, only recommendations about their agents (which carry `team`).
+    assert re.fullmatch(
+        r'ALERTS\{alertstate="firing", severity="recommendation", team=~"\$team"\}', expr
+    )
     assert not any(t["id"] == "filterFieldsByName" for t in panel["transformations"])
     (organize,) = (t["options"] for t in panel["transformations"] if t["id"] == "organize")
     assert set(organize["excludeByName"]) == {"Time", "Value", "__name__", "alertstate",
@@ -368,11 +417,62 @@ def _query(server: servers.PrometheusServer, expr: str) -> requests.Response:
     return requests.get(f"{server.url}/api/v1/query", params={"query": expr}, timeout=10)
 
 
+def _label_values(server: servers.PrometheusServer, query: str) -> requests.Response:
+    """A `label_values(<selector>, <label>)` variable query as Grafana sends it: the selector
+    as `match[]` of the label values API, which takes a series selector, not an expression."""
+    match = LABEL_VALUES.fullmatch(query)
+    assert match, query
+    return requests.get(f"{server.url}/api/v1/label/{match.group(2)}/values",
+                        params={"match[]": match.group(1)}, timeout=10)
+
+
+def label_values(server: servers.PrometheusServer, query: str) -> set[str]:
+    """The values a variable query (its variables already substituted) offers."""
+    response = _label_values(server, query)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", f"{query}: {body}"
+    return set(body["data"])
+
+
+def grafana_regex(values: Sequence[str]) -> str:
+    """Values of a multi-value variable as Grafana writes them into a Prometheus query
+    (interpolateQueryExpr): each regex-escaped inside a PromQL string, several as (a|b)."""
+    escaped = [
+        re.sub(r"[$^*{}\[\]+?.()|]", lambda m: "\\\\" + m.group(0), v.replace("\\", "\\" * 4))
+        for v in values
+    ]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def grafana_variables(
+    server: servers.PrometheusServer,
+    dash: dict[str, Any],
+    picked: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str]:
+    """What Grafana writes for each query variable of a dashboard, resolved in order (a
+    chained variable's query sees the ones before it): the picked values, else "All": the
+    allValue if there is one, else every value the variable's query now returns."""
+    picked = picked or {}
+    written: dict[str, str] = {}
+    for var in dash["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        if var["name"] in picked:
+            written[var["name"]] = grafana_regex(picked[var["name"]])
+        elif "allValue" in var:
+            written[var["name"]] = var["allValue"]
+        else:
+            query = substitute(var["query"], written, GRAFANA_GLOBALS_FOR_DATA)
+            written[var["name"]] = grafana_regex(sorted(label_values(server, query)))
+    return written
+
+
 @pytest.mark.integration
 def test_every_query_is_valid_promql(
     prometheus_factory: Callable[..., servers.PrometheusServer],
 ) -> None:
-    """target-promql-rule: Prometheus answers 400 bad_data to a query it cannot parse."""
+    """target-promql-rule: Prometheus answers 400 bad_data to a query it cannot parse; and
+    template-label-promql-rule: a variable's selector is one the label values API takes."""
     prom = prometheus_factory({"global": {"scrape_interval": "15s"}})
     invalid = []
     for where, expr, variables in all_queries():
@@ -381,6 +481,15 @@ def test_every_query_is_valid_promql(
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
             invalid.append(f"{where}: {body.get('error')}\n    {promql}")
+    for dash in DASHBOARDS.values():
+        for var in dash["templating"]["list"]:
+            if var["type"] != "query":
+                continue
+            query = substitute(var["query"], variable_names(dash), GRAFANA_GLOBALS_FOR_PARSING)
+            response = _label_values(prom, query)
+            if response.status_code != 200 or response.json().get("status") != "success":
+                invalid.append(f"{dash['uid']} / variable {var['name']}: "
+                               f"{response.json().get('error')}\n    {query}")
     assert not invalid, "\n".join(invalid)
 
 
@@ -579,20 +688,24 @@ def test_every_panel_returns_data(
         prom.wait_for_targets_up()
         clients = Clients(f"http://127.0.0.1:{port}/v1/events", f"http://127.0.0.1:{api_port}")
         clients.start()
-        targets = [
-            (where, substitute(expr, variables, GRAFANA_GLOBALS_FOR_DATA))
-            for where, expr, variables in panel_targets()
-        ]
         deadline = time.monotonic() + DATA_DEADLINE_SECONDS
-        empty: list[str] = [where for where, _ in targets]
+        empty: list[str] = ["(not run yet)"]
         while empty and time.monotonic() < deadline:
             time.sleep(3)
             empty = []
-            for where, promql in targets:
-                if not prom.query(promql):
-                    empty.append(f"{where}\n    {promql}")
+            for dash in DASHBOARDS.values():
+                # Every variable at "All", written as Grafana would now write it.
+                written = grafana_variables(prom, dash)
+                for where, expr in dashboard_targets(dash):
+                    promql = substitute(expr, written, GRAFANA_GLOBALS_FOR_DATA)
+                    if not prom.query(promql):
+                        empty.append(f"{where}\n    {promql}")
         assert not empty, (f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
                            + f"\nclient requests: {clients.codes}")
+        owners = {a["name"]: a.get("team", "default")
+                  for a in json.loads(cfg.read_text(encoding="utf-8"))["agents"]}
+        problems = team_variable_problems(prom, owners)
+        assert not problems, "\n".join(problems)
         served = set(prom.get_json("/api/v1/label/__name__/values")["data"])
         assert UPSTREAM_SERIES <= served, f"not served: {sorted(UPSTREAM_SERIES - served)}"
         # A threshold line named by a label ("threshold {{platform}}") must carry it: with a
@@ -618,6 +731,46 @@ def test_every_panel_returns_data(
         exporter.stop()
         simulator.stop()
         receiver.close()
+
+
+def team_variable_problems(
+    server: servers.PrometheusServer, owners: Mapping[str, str]
+) -> list[str]:
+    """On every dashboard with a `team` variable: it offers the teams of config.json
+    (`owners`: agent -> team); picking teams narrows `agent` to exactly their agents; at
+    All, `agent` offers every agent with data, `other` (no aicrm_agent_info) included."""
+    problems = []
+    teams = sorted(set(owners.values()))
+    picks = [[team] for team in teams] + [teams[:2]]
+    saw_other = False
+    chained = [d for d in DASHBOARDS.values() if "team" in variable_names(d)]
+    if not chained:
+        problems.append("no dashboard has a team variable")
+    for dash in chained:
+        uid, team, query = dash["uid"], variable(dash, "team"), variable(dash, "agent")["query"]
+        offered = label_values(server, team["query"])
+        if offered != set(teams):
+            problems.append(f"{uid}: team offers {sorted(offered)}, not {teams}")
+        for pick in picks:
+            agents = label_values(server, substitute(query, {"team": grafana_regex(pick)}, {}))
+            expected = {agent for agent, team in owners.items() if team in pick}
+            if agents != expected:
+                problems.append(f"{uid}: team={pick} offers agents {sorted(agents)}, "
+                                f"not {sorted(expected)}")
+        # Agents with data: those of the series the agent variable lists, whatever the team.
+        match = LABEL_VALUES.fullmatch(query)
+        assert match, query
+        (series,) = metric_names(match.group(1)) - {common.AGENT_INFO}
+        with_data = label_values(server, f"label_values({series}, agent)")
+        saw_other = saw_other or catalog.OTHER_VALUE in with_data
+        agents = label_values(server, substitute(query, {"team": team["allValue"]}, {}))
+        if agents != with_data | set(owners):
+            problems.append(f"{uid}: team=All offers agents {sorted(agents)}, not those with "
+                            f"data {sorted(with_data)} and the declared ones")
+    if chained and not saw_other:
+        problems.append(f"no agent variable's series has data for {catalog.OTHER_VALUE!r}: "
+                        "the fallback agent is not exercised")
+    return problems
 
 
 # A busy hour then a quiet one whose ratio is ten times higher: the headline must be the range's

@@ -229,7 +229,8 @@ def build() -> model.Dashboard:
         time_from="now-24h",
         refresh="1m",
         variables=[
-            c.label_variable("agent", "Agent", "agent:aicrm_agent_task_results:rate1h"),
+            c.team_variable(),
+            c.agent_variable("agent:aicrm_agent_task_results:rate1h"),
         ],
         alerts=c.firing_alerts('alertname=~"AicrmAgent.*", agent=~"$agent"'),
     )

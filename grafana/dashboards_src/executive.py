@@ -164,7 +164,9 @@ def cost_per_task() -> stat.Panel:
 
 
 # Every recommendation, whatever its rule: a new rule shows here without a dashboard change.
-RECOMMENDATIONS = 'ALERTS{alertstate="firing", severity="recommendation"}'
+# One about a declared agent carries its owner's `team` (from aicrm_agent_info); the others
+# (the `other` agent, no agent) have none, which only team=All (`.*`, matches "") lets through.
+RECOMMENDATIONS = 'ALERTS{alertstate="firing", severity="recommendation", team=~"$team"}'
 # Columns of the ALERTS series that say nothing about the recommendation; every other label
 # (team, agent, task_type, platform, model, ...) is a column, the rule's name first.
 RECOMMENDATION_NOISE = ("Time", "Value", "__name__", "alertstate", "severity")
@@ -176,8 +178,8 @@ def recommendations() -> table.Panel:
         .title("Open recommendations")
         .description(
             "Optimisations the rules found and that have held for an hour, one row each, with "
-            "the labels that say what to change; each rule is explained in docs/runbooks.md "
-            "under its name."
+            "the labels that say what to change; with teams picked, only those about their "
+            "agents. Each rule is explained in docs/runbooks.md under its name."
         )
         .datasource(c.DATASOURCE)
         .unit(c.COUNT)
@@ -260,7 +262,7 @@ def build() -> model.Dashboard:
         "What the AI agents deliver and cost, against the previous period.",
         time_from="now-7d",
         refresh="5m",
-        variables=[c.label_variable("agent", "Agent", "agent:aicrm_agent_cost_usd:rate1h")],
+        variables=[c.team_variable(), c.agent_variable("agent:aicrm_agent_cost_usd:rate1h")],
         alerts=c.firing_alerts('severity=~"page|warning"'),
     )
     builder = c.add_row(

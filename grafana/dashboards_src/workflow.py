@@ -171,7 +171,8 @@ def build() -> model.Dashboard:
         variables=[
             c.label_variable("task_type", "Task type",
                              "task_type:aicrm_agent_task_results:rate1h"),
-            c.label_variable("agent", "Agent", "agent:aicrm_agent_task_results:rate1h"),
+            c.team_variable(),
+            c.agent_variable("agent:aicrm_agent_task_results:rate1h"),
         ],
         alerts=c.firing_alerts(
             'alertname=~"AicrmTask.*|AicrmAgent.*", task_type=~"$task_type|"'
