@@ -727,6 +727,131 @@ def test_restart_counts_only_rows_after_the_saved_mark(db: Db, cfg: Config,
                               "unfinished_bad": ["no-end"], "unreadable": []}
 
 
+def test_restart_from_more_saved_rows_than_a_statement_takes_parameters(
+        pg_url: str, cfg: Config, clock: Clock) -> None:
+    """A writer's clock ahead of the exporter's leaves every row of its lead above the mark,
+    saved by id with its time: more times than a statement may bind (psycopg: 65,535; SQL
+    Server: 2,100; SQLite: 32,766 unless built otherwise). The next start must still come up,
+    and count into its own counters only the rows no earlier run counted: here those at a
+    saved time (ties) or between two, read in bulk. (test_restart_from_saved_rows_looked_up_in_
+    several_queries runs the same lookup on SQLite too.)"""
+    n = 66_000
+    db = Db(pg_url)
+    try:
+        restart_from_many_saved_rows(db, cfg, clock, n)
+    finally:
+        db.close()
+
+
+def restart_from_many_saved_rows(db: Db, cfg: Config, clock: Clock, n: int) -> None:
+    with db.engine.begin() as conn:  # 10-76 s ahead of the clock, a millisecond apart
+        conn.execute(text(
+            "INSERT INTO tasks (id, task_type, agent, status, created_at, started_at, "
+            "finished_at) SELECT 'r' || i, 'qualify_lead', 'lead-qualifier', 'completed', "
+            ":now - interval '100 s', :now, :now + make_interval(secs => 10 + i / 1000.0) "
+            "FROM generate_series(0, :last) AS i"), {"now": NOW, "last": n - 1})
+    first = FakeSink()
+    with reader(db, cfg, first, clock) as r:
+        r.poll_once()
+    assert first.accepted_rows == n and len(first.position["top"]) == n
+
+    # Restarted at once: the saved rows lie above the floor, read one by one.
+    second = FakeSink()
+    second.saved = first.position
+    with reader(db, cfg, second, clock) as r:
+        r.poll_once()
+    assert second.status == [True] and second.accepted_rows == 0
+
+    # Down for an hour: the saved rows fall into the start-up aggregate's range, with new rows
+    # at two of their times and between two.
+    clock.now += 3600
+    db.insert(done("tie-first", "broken", finished=-10),
+              done("tie-last", task_type="ghost-type", finished=-(10 + (n - 1) / 1000)),
+              done("between", finished=-10.0075),
+              done("later", finished=-3000))  # above the floor
+    third = FakeSink()
+    third.saved = second.position
+    with reader(db, cfg, third, clock) as r:
+        r.poll_once()
+    assert third.status == [True]
+    assert third.accepted_rows == 3 and third.rejected == {"unknown_status": 1}
+    assert third.overflowed == {"task_type": 1} and counted(third.snap) == n + 3
+    assert third.position["top"] == [["later", ago(-3000).isoformat()]]
+
+
+def test_restart_from_saved_rows_looked_up_in_several_queries(
+        db: Db, cfg: Config, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved times are looked up a batch per query; across batches, the rows an earlier
+    run counted (valid, rejected, overflowing) are taken back from the bulk count, new rows at
+    the same times are kept, and a new row at the mark itself is added. SQLite places times to
+    the millisecond, so there a1, a1b and b1 are at one time, which two batches look up."""
+    from exporter.sources import taskdb
+
+    monkeypatch.setattr(taskdb, "MARKS_PER_QUERY", 2)
+    db.insert(done("t0", finished=0),  # at the mark (now)
+              done("a1", finished=-5.0001), done("a1b", finished=-5.0004),
+              done("a2", "exploded", finished=-6),
+              done("a3", task_type="ghost-type", finished=-7),
+              done("a4", finished=-8, started=-9),  # finished before it started
+              done("a5", finished=-9))
+    first = FakeSink()
+    with reader(db, cfg, first, clock) as r:
+        r.poll_once()
+    assert first.accepted_rows == 5 and first.overflowed == {"task_type": 1}
+    assert first.rejected == {"unknown_status": 1, "bad_timestamps": 1}
+    assert len(first.position["top"]) == 7
+
+    clock.now += 3600
+    delete(db, "a5")
+    db.insert(done("m0", finished=0),  # at the mark, not counted yet
+              done("b1", finished=-5.0002), done("b2", "broken", finished=-7),
+              done("b3", task_type="ghost-type", finished=-8),
+              done("b4", finished=-100), done("last", finished=-3000))
+    second = FakeSink()
+    second.saved = first.position
+    with reader(db, cfg, second, clock) as r:
+        r.poll_once()
+    assert second.accepted_rows == 5  # m0, b1, b3, b4, last
+    assert second.rejected == {"unknown_status": 1} and second.overflowed == {"task_type": 1}
+    assert counted(second.snap) == 9  # the rows of the table with a valid status and times
+
+def test_a_poll_with_nothing_new_costs_nothing_per_row_at_the_mark(
+        db: Db, cfg: Config, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One UPDATE can finish thousands of tasks at one instant, the mark's: every poll after it
+    (each second) must cost what it reads, not a rebuild of the saved list of those rows, as
+    long as no later row moves the mark. A row that joins them still joins the list."""
+    from exporter.sources import taskdb
+
+    n = 20_000
+    db.insert(*(done(f"c{i}", "cancelled", started=None, finished=5) for i in range(n)))
+    sink = FakeSink()
+    keyed = Counter[str]()
+    real_key = taskdb._key
+
+    def counting_key(id_: Any) -> Any:
+        keyed["calls"] += 1
+        return real_key(id_)
+
+    monkeypatch.setattr(taskdb, "_key", counting_key)
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+        assert len(sink.position["top"]) == n and sink.position["mark"] == ago(5).isoformat()
+        before = (keyed["calls"], sink.position)
+        for _ in range(3):
+            clock.now += 1
+            r.poll_once()
+        assert (keyed["calls"], sink.position) == before and sink.position is before[1]
+
+        db.insert(done("tie", finished=5))  # committed late, at the mark's very instant
+        clock.now += 1
+        r.poll_once()
+        assert len(sink.position["top"]) == n + 1 and sink.accepted_rows == n + 1
+        db.insert(done("next", finished=1))
+        clock.now += 1
+        r.poll_once()
+        assert sink.position["top"] == [["next", ago(1).isoformat()]]
+        assert sink.position["mark"] == ago(1).isoformat() and sink.accepted_rows == n + 2
+
 def test_sqlite_timestamps_in_other_formats(tmp_path: Path, cfg: Config, clock: Clock,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """SQLite keeps any text in any column: ISO 8601 with 'Z' or an offset is read as UTC,

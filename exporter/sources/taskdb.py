@@ -41,6 +41,7 @@ from sqlalchemy import (
     create_engine,
     extract,
     func,
+    literal,
     literal_column,
     null,
     or_,
@@ -66,6 +67,10 @@ UNASSIGNED = "unassigned"
 """``agent`` label of terminal tasks that never had an agent (e.g. cancelled while queued)."""
 AGGREGATE_TIMEOUT_FACTOR = 10
 """The start-up aggregate scans the whole table, so it gets this many statement timeouts."""
+MARKS_PER_QUERY = 500
+"""Saved instants looked up per start-up query (``_Queries.at_marks``): each is a bound
+parameter, and every dialect limits them per statement (SQL Server to 2,100, psycopg to
+65,535), while a writer's clock ahead of the exporter's can leave many rows above the mark."""
 
 _OK = "ok"
 _OPEN = "open"
@@ -229,25 +234,36 @@ class _Queries:
             return self.finished >= when
         return self.finished >= datetime.combine(when.date() - timedelta(days=2), dt_time())
 
-    def after_mark(self, cutoff: datetime, mark: datetime | None,
-                   marks: Sequence[datetime]) -> Any:
-        """Self counts of the rows the aggregate reads (``finished_at <= cutoff``) that
-        finished after ``mark`` at none of the times ``marks``: (task_type, agent, reason, n)."""
+    def _until(self, when: datetime) -> Any:
+        """An index range holding every row that finished at ``when`` or earlier (loose on
+        SQLite, as ``_from``)."""
+        if self.dialect != "sqlite":
+            return self.finished <= when
+        return self.finished < datetime.combine(when.date() + timedelta(days=2), dt_time())
+
+    def _after(self, mark: datetime) -> Any:
         t = self._time
+        return t(self.finished) > t(mark)
+
+    def after_mark(self, cutoff: datetime, mark: datetime | None) -> Any:
+        """Self counts of the rows the aggregate reads (``finished_at <= cutoff``) that
+        finished after ``mark`` (all of them if None): (task_type, agent, reason, n)."""
         q = self.row.where(self.finished <= cutoff)
         if mark is not None:
-            q = q.where(self._from(mark), t(self.finished) > t(mark))
-        if marks:
-            q = q.where(t(self.finished).not_in([t(m) for m in marks]))
+            q = q.where(self._from(mark), self._after(mark))
         rows = q.subquery()
         keys = (rows.c.task_type, rows.c.agent, rows.c.reason)
         return select(*keys, func.count()).group_by(*keys)
 
-    def at_marks(self, cutoff: datetime, marks: Sequence[datetime]) -> Any:
-        """The rows the aggregate reads that finished at one of the times ``marks``."""
+    def at_marks(self, cutoff: datetime, mark: datetime | None,
+                 marks: Sequence[datetime]) -> Any:
+        """The rows the aggregate reads that finished at one of the times ``marks`` (sorted,
+        at most ``MARKS_PER_QUERY``), each with whether ``after_mark`` counted it (1 or 0)."""
         t = self._time
-        return self.row.where(self.finished <= cutoff, self._from(min(marks)),
-                              t(self.finished).in_([t(m) for m in marks]))
+        after = literal(1) if mark is None else case((self._after(mark), 1), else_=0)
+        return self.row.add_columns(after.label("after")).where(
+            self.finished <= cutoff, self._from(marks[0]), self._until(marks[-1]),
+            t(self.finished).in_([t(m) for m in marks]))
 
     def rows_above(self, floor: datetime | None) -> Any:
         return self.row if floor is None else self.row.where(self.finished > floor)
@@ -293,8 +309,9 @@ class _Read:
     """The high-water mark of the previous run (start-up only; None: count the whole table)."""
     after: list[Any] = field(default_factory=list)
     """Self counts of the aggregated rows that finished after the saved mark."""
-    at_marks: list[Any] = field(default_factory=list)
-    """The aggregated rows that finished at the saved mark or at a saved row's time."""
+    at_marks: dict[Any, Any] = field(default_factory=dict)
+    """The aggregated rows that finished at the saved mark or at a saved row's time, by id,
+    each with whether ``after`` counted it."""
 
 
 def _key(id_: Any) -> Any:
@@ -462,6 +479,10 @@ class TaskDbReader:
         self._unfinished_bad: set[Any] = set()
         self._unreadable: set[Any] = set()
         """Ids whose finished_at cannot be read (rejected once; SQLite only)."""
+        self._saved_position: dict[str, Any] | None = None
+        """``_position()`` as last built; None once the mark or an id set it lists changed.
+        Many rows can share the mark (one UPDATE finishing thousands of tasks), and a poll
+        with nothing new must not build and compare their list again."""
         self._events = 0
         self._rejected: Counter[str] = Counter()
         self._overflowed: Counter[str] = Counter()
@@ -556,12 +577,16 @@ class TaskDbReader:
                 saved = read.saved
                 if saved is not None:
                     # The aggregated rows new to the self counters: in bulk those after the
-                    # mark, one by one those at a time the saved rows hold (ties, skew).
+                    # mark, corrected one by one at the times the saved rows hold (ties,
+                    # skew), a batch of times per query.
+                    read.after = list(conn.execute(q.after_mark(read.floor, saved.mark)))
                     marks = sorted({*saved.top.values(),
                                     *(() if saved.mark is None else (saved.mark,))})
-                    read.after = list(conn.execute(q.after_mark(read.floor, saved.mark, marks)))
-                    if marks:
-                        read.at_marks = list(conn.execute(q.at_marks(read.floor, marks)))
+                    for i in range(0, len(marks), MARKS_PER_QUERY):
+                        batch = marks[i:i + MARKS_PER_QUERY]
+                        for row in conn.execute(q.at_marks(read.floor, saved.mark, batch)):
+                            # Once by id: on SQLite two saved times may share a millisecond.
+                            read.at_marks[row[0]] = row
                 if pg:
                     conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
             read.rows = list(conn.execute(q.rows_above(read.floor)))
@@ -606,13 +631,16 @@ class TaskDbReader:
             if saved is not None:
                 for tt, ag, reason, n in read.after:
                     events += self._tally(tt, ag, reason, n, rejects, overflow)
-                for id_, tt, ag, _st, raw_fin, reason, *_ in read.at_marks:
+                # Of the rows at a saved time, the bulk count took those after the mark: take
+                # back the ones the earlier run counted, add the new ones at the mark.
+                for id_, tt, ag, _st, raw_fin, reason, *_, after in read.at_marks.values():
                     try:
                         fin = _utc(raw_fin)
                     except ValueError:
-                        continue  # SQLite placed it in time, Python cannot: as old as it gets
-                    if fin is not None and saved.new(id_, fin):
-                        events += self._tally(tt, ag, reason, 1, rejects, overflow)
+                        continue  # SQLite placed it in time, Python cannot: as the bulk did
+                    if fin is not None and saved.new(id_, fin) != bool(after):
+                        events += self._tally(tt, ag, reason, -1 if after else 1, rejects,
+                                              overflow)
             for id_, reason in read.unreadable:
                 self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
             more = unreadable - len(read.unreadable)  # named above: at most 10
@@ -638,6 +666,7 @@ class TaskDbReader:
                     # No time to place it by: rejected once, remembered by id while read
                     # (and across restarts, with the mark).
                     self._unreadable.add(id_)
+                    self._saved_position = None
                     if saved is None or _key(id_) not in saved.unreadable:
                         rejects["bad_timestamps"] += 1
                     self._log_unreadable(id_, "finished_at", exc)
@@ -668,9 +697,13 @@ class TaskDbReader:
             # Ids above the floor that are gone (deleted, reopened): forget them.
             for id_ in [i for i in self._seen if i not in fetched]:
                 del self._seen[id_]
-                self._top.discard(id_)
-                self._ahead.discard(id_)
-            self._unreadable &= fetched
+                if id_ in self._top:
+                    self._top.discard(id_)
+                    self._ahead.discard(id_)
+                    self._saved_position = None
+            if not self._unreadable <= fetched:
+                self._unreadable &= fetched
+                self._saved_position = None
         self._advance(mark, now, added)
 
         current: dict[Any, str] = {}
@@ -681,7 +714,9 @@ class TaskDbReader:
             if id_ not in self._unfinished_bad and (
                     saved is None or _key(id_) not in saved.unfinished_bad):
                 rejects[reason] += 1
-        self._unfinished_bad = set(current)
+        if self._unfinished_bad != current.keys():
+            self._unfinished_bad = set(current)
+            self._saved_position = None
 
         self._events += events
         self._rejected.update(rejects)
@@ -694,18 +729,21 @@ class TaskDbReader:
     def _position(self) -> dict[str, Any]:
         """What this run has counted into its own counters, for the state file (``_Saved``):
         the mark and the rows at or above it, the rejected rows no time places. Its size
-        follows those rows, not the lookback window."""
+        follows those rows, not the lookback window. The same object until one changes."""
+        if self._saved_position is not None:
+            return self._saved_position
         seen = self._seen
 
         def ids(keys: Iterable[Any]) -> list[Any]:
             return sorted(keys, key=str)
 
-        return {
+        self._saved_position = {
             "mark": None if self._mark is None else self._mark.isoformat(),
             "top": ids([_key(i), seen[i].isoformat()] for i in self._top),
             "unfinished_bad": ids(_key(i) for i in self._unfinished_bad),
             "unreadable": ids(_key(i) for i in self._unreadable),
         }
+        return self._saved_position
 
     def _log_unreadable(self, id_: Any, key: str, exc: BaseException | None = None) -> None:
         column = getattr(self._settings.columns, key)
@@ -720,6 +758,7 @@ class TaskDbReader:
         mark = min(mark, _utc_now(now))
         if self._mark is not None and mark < self._mark:
             mark = self._mark
+        moved = mark != self._mark
         self._mark = mark
         floor = mark - self._lookback
         if self._floor is None or floor > self._floor:
@@ -732,9 +771,19 @@ class TaskDbReader:
         if len(heap) > 2 * len(seen) + 1024:
             self._heap = [(f, i) for i, f in seen.items()]
             heapq.heapify(self._heap)
-        # Seen ids at or above the mark were at or above the previous one, or are new.
-        self._top = {i for i in (*self._top, *added) if i in seen and seen[i] >= mark}
-        self._ahead = {i for i in self._top if seen[i] > mark}
+        if moved:
+            # Seen ids at or above the mark were at or above the previous one, or are new.
+            self._top = {i for i in (*self._top, *added) if i in seen and seen[i] >= mark}
+            self._ahead = {i for i in self._top if seen[i] > mark}
+            self._saved_position = None
+            return
+        # The same mark (and floor): the ids above it are those before and the new ones, so
+        # a poll costs what it read, not the rows that finished at the mark.
+        grown = [i for i in added if i in seen and seen[i] >= mark]
+        if grown:
+            self._top.update(grown)
+            self._ahead.update(i for i in grown if seen[i] > mark)
+            self._saved_position = None
 
     def _tally(self, tt: str | None, ag: str | None, reason: str, n: int,
                rejects: Counter[str], overflow: Counter[str]) -> int:
