@@ -31,19 +31,18 @@ UNITS = {
 
 NOT_ACTIVITY = ("objective", "objective_met")
 """Fields that do not make an agent active: a bare objective is not activity."""
-_NONE: dict[str, float | None] = {}
 
 
 def _agent(fields: dict[str, dict[str, float | None]], agent: str) -> dict[str, Any]:
     out: dict[str, Any] = {"agent": agent}
     for name, unit in UNITS.items():
-        out[name] = quantity(fields.get(name, _NONE).get(agent), unit)
+        out[name] = quantity(queries.value(fields, name, agent), unit)
     out["results"] = {
-        o: quantity(fields.get(f"results.{o}", _NONE).get(agent), "results")
+        o: quantity(queries.value(fields, f"results.{o}", agent), "results")
         for o in queries.OUTCOMES
     }
     out["escalations"] = out["results"]["escalated"]
-    met = fields.get("objective_met", _NONE).get(agent)
+    met = queries.value(fields, "objective_met", agent)
     out["objective_met"] = None if met is None else met == 1.0
     return out
 

@@ -113,8 +113,8 @@ def cached(view: F) -> F:
             # writing its body, so the client does not wait for the cache's round trip. The
             # same request on another connection in that moment misses too, as two at once
             # always could; on the same kept-alive connection the next one comes after it.
-            body_ = resp.get_data()
-            resp.call_on_close(lambda: svc.cache.set(key, body_, ttl))
+            stored = resp.get_data()
+            resp.call_on_close(lambda: svc.cache.set(key, stored, ttl))
         resp.headers["X-Cache"] = "MISS"
         return resp
 

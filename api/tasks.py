@@ -32,14 +32,11 @@ UNITS = {
 }
 
 
-_NONE: dict[str, float | None] = {}
-
-
 def _block(fields: dict[str, dict[str, float | None]], level: str,
            task_type: str = "") -> dict[str, Any]:
     """The numbers of one level: "overall" (fields without labels) or one task type's."""
     return {
-        name: quantity(fields.get(f"{level}.{name}", _NONE).get(task_type), unit)
+        name: quantity(queries.value(fields, f"{level}.{name}", task_type), unit)
         for name, unit in UNITS.items()
     }
 
