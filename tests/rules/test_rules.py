@@ -57,8 +57,10 @@ DASHBOARD_UIDS = {
 # "none": AicrmWatchdog, the always-firing heartbeat for a dead man's switch (never to people).
 SEVERITIES = {"page", "ticket", "warning", "info", "recommendation", "none"}
 LOCAL_WEBHOOK = "http://127.0.0.1:5001/alerts"
-# Series of the monitoring components themselves that alerts may read (not the exporter's).
-UPSTREAM_SERIES = {"alertmanager_notifications_failed_total"}
+# Series alerts may read that are not the exporter's catalog: the monitoring components' own,
+# and the standard process series client_python serves beside the catalog.
+UPSTREAM_SERIES = {"alertmanager_notifications_failed_total", "process_open_fds",
+                   "process_max_fds"}
 
 
 def _tool(name: str) -> str:
