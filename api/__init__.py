@@ -201,6 +201,7 @@ def create_app(
 def close_app(app: Flask) -> None:
     """Release the app's connections (Prometheus, Redis) when it is discarded."""
     svc: Services = app.extensions[SERVICES]
+    svc.background.shutdown(wait=True, cancel_futures=True)
     svc.prometheus.close()
     svc.cache.close()
     limiter = app.extensions.get("aicrm_limiter")

@@ -6,7 +6,8 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -36,6 +37,11 @@ class Services:
     logger: logging.Logger
     protected: frozenset[str]
     """Endpoint names that need a key even when require_key_for_all is off."""
+    background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=4, thread_name_prefix="aicrm-api-backend"))
+    """For a second backend request sent while a view waits on its query (the executive
+    dashboard's alerts). Its threads start at the first use, in the worker that uses them (so
+    none is lost to gunicorn's fork), and keep their own backend connections."""
 
 
 def services() -> Services:

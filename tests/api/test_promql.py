@@ -168,3 +168,34 @@ def test_malformed_success_answers_are_backend_errors(make_app: Callable[..., Fl
     finally:
         client.close()
         server.close()
+
+
+def test_executive_dashboard_asks_for_the_alerts_while_the_query_runs(
+        make_app: Callable[..., Flask]) -> None:
+    """The backend answers the query only once the alerts request has arrived too: asked one
+    after the other, the query would wait for 5 s and get a 503."""
+    alerts_asked = threading.Event()
+    alerts = (b'{"status":"success","data":{"alerts":[{"labels":{"alertname":"AicrmSourceDown",'
+              b'"severity":"ticket"},"annotations":{},"state":"firing",'
+              b'"activeAt":"2026-11-25T00:00:00Z"}]}}')
+    query = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+
+    def script(conn: socket.socket) -> None:
+        while request := server.read_request(conn):
+            if b" /api/v1/alerts " in request.split(b"\r\n", 1)[0]:
+                alerts_asked.set()
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(alerts) + alerts
+            elif alerts_asked.wait(5):
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(query) + query
+            else:
+                answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+            conn.sendall(answer)
+
+    server = ScriptedServer(script)
+    try:
+        r = make_app(f"http://127.0.0.1:{server.port}").test_client().get(
+            "/executive-dashboard", headers=AUTH)
+        assert r.status_code == 200, r.json
+        assert [a["name"] for a in r.json["data"]["alerts"]] == ["AicrmSourceDown"]
+    finally:
+        server.close()
