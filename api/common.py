@@ -38,10 +38,12 @@ class Services:
     protected: frozenset[str]
     """Endpoint names that need a key even when require_key_for_all is off."""
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        max_workers=4, thread_name_prefix="aicrm-api-backend"))
+        max_workers=64, thread_name_prefix="aicrm-api-backend"))
     """For a second backend request sent while a view waits on its query (the executive
-    dashboard's alerts). Its threads start at the first use, in the worker that uses them (so
-    none is lost to gunicorn's fork), and keep their own backend connections."""
+    dashboard's alerts). Its threads start when needed, in the worker that uses them (so none
+    is lost to gunicorn's fork), at most one per request running at once (the worker's
+    threads; the bound only caps a misconfiguration), and keep their own backend
+    connections."""
 
 
 def services() -> Services:
