@@ -21,6 +21,11 @@ from api.promql import BackendTimeout, BackendUnavailable, PrometheusClient
 Script = Callable[[socket.socket], None]
 
 
+def ok_answer(body: bytes) -> bytes:
+    """A complete HTTP/1.1 200 answer carrying ``body`` with its Content-Length."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
 class ScriptedServer:
     """Accepts connections on loopback and runs ``script(conn)`` on each, in a thread."""
 
@@ -288,7 +293,7 @@ def test_requests_carry_host_auth_and_form_body(serve: Callable[..., ScriptedSer
 
     def script(conn: socket.socket) -> None:
         while server.read_request(conn):
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            conn.sendall(ok_answer(body))
 
     server = serve(script)
     client = PrometheusClient(f"http://user:p%40ss@127.0.0.1:{server.port}/prom/", timeout=2)

@@ -22,7 +22,7 @@ from api.promql import (
 )
 from tests import servers
 from tests.api.conftest import AUTH, KnownPrometheus
-from tests.api.test_http11 import ScriptedServer
+from tests.api.test_http11 import ScriptedServer, ok_answer
 from tests.servers import LocalHTTPServer
 
 DATA_PATHS = ("/task-completion", "/agent-performance", "/executive-dashboard",
@@ -147,7 +147,7 @@ def test_malformed_success_answers_are_backend_errors(make_app: Callable[..., Fl
     message saying so, never an AttributeError or TypeError answered as a 500."""
     def script(conn: socket.socket) -> None:
         while server.read_request(conn):
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            conn.sendall(ok_answer(body))
 
     server = ScriptedServer(script)
     client = PrometheusClient(f"http://127.0.0.1:{server.port}", timeout=2)
@@ -184,9 +184,9 @@ def test_executive_dashboard_asks_for_the_alerts_while_the_query_runs(
         while request := server.read_request(conn):
             if b" /api/v1/alerts " in request.split(b"\r\n", 1)[0]:
                 alerts_asked.set()
-                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(alerts) + alerts
+                answer = ok_answer(alerts)
             elif alerts_asked.wait(5):
-                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(query) + query
+                answer = ok_answer(query)
             else:
                 answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
             conn.sendall(answer)
