@@ -5,7 +5,8 @@ Environment: AICRM_API_BIND (default 0.0.0.0:5000, the container's address), AIC
 a path, or "off"), AICRM_API_CONTROL_SOCKET (gunicornc's socket; none by default),
 AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
 0: one socket shared by all workers), PROMETHEUS_MULTIPROC_DIR (the request metrics' shared
-directory; by default one per master, removed when it exits).
+directory; by default one per master, removed when it exits). Sets AICRM_API_MASTER_PID for the
+workers' process series.
 """
 
 import os
@@ -60,6 +61,9 @@ def on_starting(server: Any) -> None:
     USR2 re-exec (GUNICORN_PID names the old master, as gunicorn's arbiter reads it): a
     directory given in PROMETHEUS_MULTIPROC_DIR then holds the old master's live workers'
     files. And the socket-per-worker mode only where it works (see reuse_port above)."""
+    # The workers' /metrics report the process series of this master and its workers
+    # (api/process_metrics.py); a USR2 re-exec's new master names itself.
+    os.environ["AICRM_API_MASTER_PID"] = str(os.getpid())
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if os.environ.get(_OWN_DIR) == directory:
         # In the shared temporary directory: left by a master of this pid that died without

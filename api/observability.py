@@ -147,8 +147,13 @@ class RequestMetrics:
         if directory:
             from prometheus_client import multiprocess
 
+            from api.process_metrics import service_collector
+
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=directory)
+            service = service_collector()
+            if service is not None:
+                registry.register(service)
             return generate_latest(registry)
         return generate_latest(self.registry)
 

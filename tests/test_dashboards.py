@@ -708,6 +708,11 @@ def test_every_panel_returns_data(
         assert not problems, "\n".join(problems)
         served = set(prom.get_json("/api/v1/label/__name__/values")["data"])
         assert UPSTREAM_SERIES <= served, f"not served: {sorted(UPSTREAM_SERIES - served)}"
+        # The Processes row covers every process the stack scrapes, the API's gunicorn too.
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                     "process_open_fds", "process_max_fds", "process_start_time_seconds"):
+            have = {r["metric"]["job"] for r in prom.query(name)}
+            assert have == set(jobs), f"{name}: served by {sorted(have)}"
         # A threshold line named by a label ("threshold {{platform}}") must carry it: with a
         # variable at "All" (.*) a selector also matches the exporter's global default, which
         # has no such label and would draw an unnamed line at a limit no series has.

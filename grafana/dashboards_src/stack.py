@@ -679,8 +679,8 @@ def am_failed() -> timeseries.Panel:
 # --- Processes -----------------------------------------------------------------------------
 
 PROCESSES = (
-    "the exporter, Prometheus and Alertmanager (the API's gunicorn workers serve their request "
-    "metrics in multiprocess mode, which carries no process series)"
+    "the exporter, the REST API (its gunicorn master and workers as one: CPU and memory summed, "
+    "descriptors of the process nearest its limit), Prometheus and Alertmanager"
 )
 
 

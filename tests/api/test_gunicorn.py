@@ -358,3 +358,69 @@ def test_usr2_upgrade_keeps_the_old_workers_metrics(tmp_path: Path, given: bool)
         assert "Traceback" not in gunicorn.log_tail()
     finally:
         gunicorn.stop()
+
+
+def _scrape_process_series(url: str) -> dict[str, float]:
+    with requests.get(url + "/metrics", timeout=10) as r:
+        assert r.status_code == 200
+        text = r.text
+    return {line.split(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("process_")}
+
+
+def _children(pid: int) -> list[int]:
+    from api.process_metrics import children_of
+
+    return children_of("/proc", pid)
+
+
+@pytest.mark.integration
+def test_metrics_carry_the_services_process_series_across_a_worker_restart(
+        tmp_path: Path) -> None:
+    """The API's /metrics serves process_* for its master and workers: start time the
+    master's, memory summed over the processes, descriptors of the fullest process, and CPU
+    that keeps the time of a worker killed and replaced (reaped into the master's)."""
+    from api.process_metrics import fds, read_stat
+
+    gunicorn, url = _start_api(tmp_path, "gunicorn", [], {
+        "redis_url": None, "cache_ttl_seconds": 0, "rate_limit": "100000/minute"})
+    try:
+        master = gunicorn.pid
+        assert eventually(lambda: len(_children(master)) == 2, seconds=30)
+        with requests.Session() as s:
+            for _ in range(100):
+                assert s.get(url + "/openapi.json", timeout=10).status_code == 200
+        first = _scrape_process_series(url)
+        master_stat = read_stat("/proc", master)
+        assert master_stat is not None
+        with open("/proc/stat") as f:
+            btime = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        assert first["process_start_time_seconds"] == pytest.approx(
+            btime + master_stat.start_ticks / ticks, abs=0.02)
+        workers = _children(master)
+        stats = [read_stat("/proc", p) for p in [master, *workers]]
+        rss = sum(s.rss_pages for s in stats if s) * os.sysconf("SC_PAGESIZE")
+        assert 0.8 * rss <= first["process_resident_memory_bytes"] <= 1.25 * rss
+        # More than any one process: the workers are in it.
+        assert first["process_resident_memory_bytes"] > 1.5 * max(
+            s.rss_pages for s in stats if s) * os.sysconf("SC_PAGESIZE")
+        limits = [got for got in (fds("/proc", p) for p in [master, *workers]) if got]
+        assert first["process_max_fds"] in {float(limit) for _, limit in limits}
+        assert first["process_open_fds"] >= max(n for n, _ in limits) - 2
+        live = sum(s.own_cpu for s in stats[1:] if s)
+        assert first["process_cpu_seconds_total"] >= master_stat.own_cpu + live - 0.02
+
+        # A worker killed: the master reaps it and starts another. Its CPU (boot and the
+        # requests above) stays in the total instead of leaving it.
+        victim = max(workers, key=lambda p: (read_stat("/proc", p) or master_stat).own_cpu)
+        victim_cpu = read_stat("/proc", victim).own_cpu  # type: ignore[union-attr]
+        assert victim_cpu > 0.1
+        os.kill(victim, signal.SIGKILL)
+        assert eventually(lambda: victim not in _children(master)
+                          and len(_children(master)) == 2, seconds=30)
+        second = _scrape_process_series(url)
+        assert second["process_cpu_seconds_total"] >= first["process_cpu_seconds_total"]
+        assert second["process_start_time_seconds"] == first["process_start_time_seconds"]
+    finally:
+        gunicorn.stop()
