@@ -23,6 +23,10 @@ SEVERITY_ORDER = {"page": 0, "critical": 0, "warning": 1, "ticket": 2, "info": 3
 RECOMMENDATION = "recommendation"
 PIPELINE = "none"
 """Severity of alerts that only prove the alerting pipeline works (AicrmWatchdog)."""
+SHOWN_APART = frozenset({"alertname", "severity", "alertgroup"})
+"""Labels not repeated in an alert's ``labels``: its name and severity have fields of their own,
+and vmalert's ``alertgroup`` (the rule group, which Prometheus does not add) would make the
+same alert differ between backends."""
 
 
 def _change(fields: dict[str, list[Sample]], name: str, unit: str) -> dict[str, Any]:
@@ -85,8 +89,7 @@ def _alerts(svc: Services, now: float) -> list[dict[str, Any]]:
             "runbook_url": ann.get("runbook_url"),
             "dashboard_url": ann.get("dashboard_url"),
             "active_at": a["active_at"],
-            "labels": {k: v for k, v in sorted(labels.items())
-                       if k not in ("alertname", "severity")},
+            "labels": {k: v for k, v in sorted(labels.items()) if k not in SHOWN_APART},
         })
     alerts.sort(key=lambda a: (SEVERITY_ORDER.get(a["severity"], 9), a["name"],
                                sorted(a["labels"].items())))

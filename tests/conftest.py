@@ -66,5 +66,5 @@ def vm_factory(tmp_path: Path) -> Iterator[Callable[..., servers.VictoriaMetrics
 @pytest.fixture
 def vmalert_factory(tmp_path: Path) -> Iterator[Callable[..., servers.VmalertServer]]:
     """vmalert_factory(rule_files, datasource_url, remote_write_url=None, notifier_url=None,
-    extra_args=())."""
+    extra_args=(), port=None)."""
     yield from _factory(servers.start_vmalert, tmp_path)

@@ -528,9 +528,11 @@ def start_vmalert(
     remote_write_url: str | None = None,
     notifier_url: str | None = None,
     extra_args: Sequence[str] = (),
+    port: int | None = None,
 ) -> VmalertServer:
+    """``port``: chosen before, when VictoriaMetrics started first must proxy to it."""
     workdir = _workdir(tmpdir, "vmalert")
-    server = VmalertServer("vmalert", workdir, free_port())
+    server = VmalertServer("vmalert", workdir, port or free_port())
     argv = ["vmalert", *(f"-rule={p}" for p in rule_files), f"-datasource.url={datasource_url}",
             f"-httpListenAddr=127.0.0.1:{server.port}", "-evaluationInterval=1s"]
     if remote_write_url:

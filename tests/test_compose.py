@@ -213,8 +213,16 @@ def test_promtool_checks_the_prometheus_configs(name: str, tmp_path: Path) -> No
 def test_prometheus_configs_agree_with_compose(services: dict[str, Any]) -> None:
     base = load(PROMETHEUS_DIR / "prometheus.yml")
     scale = load(PROMETHEUS_DIR / "prometheus.scale.yml")
-    # The scale variant: the same scrape jobs and alerting, remote write instead of rules.
-    assert scale["scrape_configs"] == base["scrape_configs"]
+    # The scale variant: the same scrape jobs and alerting, remote write instead of rules, and
+    # the profile's own store and ruler scraped on the ports their services listen on.
+    vmalert_port = command_flags(services["vmalert"])["httpListenAddr"].rsplit(":", 1)[1]
+    n = len(base["scrape_configs"])
+    assert scale["scrape_configs"][:n] == base["scrape_configs"]
+    assert {j["job_name"]: j["static_configs"][0]["targets"]
+            for j in scale["scrape_configs"][n:]} == {
+        "victoriametrics": [f"victoriametrics:{PORTS['victoriametrics']}"],
+        "vmalert": [f"vmalert:{vmalert_port}"],
+    }
     assert scale["alerting"] == base["alerting"]
     assert scale["global"] == base["global"]
     assert "rule_files" not in scale
@@ -254,6 +262,11 @@ def test_vmalert_runs_the_same_rule_files(services: dict[str, Any]) -> None:
     vm = f"http://victoriametrics:{PORTS['victoriametrics']}"
     assert flags["datasource.url"] == vm and flags["remoteWrite.url"] == vm
     assert flags["notifier.url"] == f"http://alertmanager:{PORTS['alertmanager']}"
+    # VictoriaMetrics hands /api/v1/alerts to vmalert (else it answers an empty list and the
+    # API's /executive-dashboard shows no alerts; tests/test_scale.py runs it).
+    port = flags["httpListenAddr"].rsplit(":", 1)[1]
+    assert command_flags(services["victoriametrics"])["vmalert.proxyURL"] == (
+        f"http://vmalert:{port}")
 
 
 def test_reloaded_configuration_is_mounted_as_directories(services: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -328,13 +329,16 @@ def test_victoria_metrics_with_vmalert_answers_like_prometheus(
     wait_ingested([exporter], FIRST_BLOCKS * len(files) * len(workload_block()))
     alertmanager = alertmanager_factory(ALERTMANAGER_CONFIG)
     am = f"127.0.0.1:{alertmanager.port}"
-    vm = vm_factory()
+    # As docker-compose.yml runs it: VictoriaMetrics hands /api/v1/alerts to vmalert.
+    vmalert_port = servers.free_port()
+    vm = vm_factory(extra_args=[f"-vmalert.proxyURL=http://127.0.0.1:{vmalert_port}"])
     config = prometheus_config([f"127.0.0.1:{exporter.port}"], am)
     config["remote_write"] = [scale_remote_write(vm.url)]
-    prometheus = prometheus_factory(config, rule_files=fast_rules)
+    rules = [*fast_rules, always_firing_rule(tmp_path)]
+    prometheus = prometheus_factory(config, rule_files=rules)
     vmalert = vmalert_factory(
-        fast_rules, vm.url, remote_write_url=vm.url, notifier_url=alertmanager.url,
-        extra_args=["-remoteWrite.flushInterval=500ms"],
+        rules, vm.url, remote_write_url=vm.url, notifier_url=alertmanager.url,
+        extra_args=["-remoteWrite.flushInterval=500ms"], port=vmalert_port,
     )
     prometheus.wait_for_targets_up()
 
@@ -358,6 +362,76 @@ def test_victoria_metrics_with_vmalert_answers_like_prometheus(
                                                        rel=1e-9)
     # Rates themselves are not compared here: while the window is not yet full, VictoriaMetrics'
     # rate() divides by the time the samples span, Prometheus' by the window (extrapolated).
+
+    # The ruler's, Prometheus's and Alertmanager's own series the system alerts read exist
+    # under those names in the real binaries (a typo would leave an alert that never fires).
+    served = {name: metric_names(url + "/metrics")
+              for name, url in (("prometheus", prometheus.url), ("alertmanager", alertmanager.url),
+                                ("vmalert", vmalert.url))}
+    for name in system_alert_upstream_names():
+        component = name.split("_", 1)[0]
+        assert name in served[component], f"{component} does not serve {name}"
+
+    # /executive-dashboard's alerts, with their annotations, through VictoriaMetrics's proxy to
+    # vmalert as from Prometheus (without the proxy VictoriaMetrics answers an empty list).
+    over_vm = executive_alert(vm.url)
+    assert over_vm == executive_alert(prometheus.url)
+    assert over_vm["summary"] == ALWAYS_FIRING_SUMMARY
+    assert over_vm["severity"] == "ticket" and over_vm["labels"] == {"component": "scale-test"}
+
+
+def metric_names(url: str) -> set[str]:
+    with requests.get(url, timeout=10) as r:
+        r.raise_for_status()
+        return {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][\w:]*)[{ ]", r.text, re.M)}
+
+
+def system_alert_upstream_names() -> set[str]:
+    """Prometheus's, Alertmanager's and vmalert's own series named in system.alerts.yml."""
+    doc = yaml.safe_load((RULES / "alerts" / "system.alerts.yml").read_text(encoding="utf-8"))
+    names = set()
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            names |= set(re.findall(r"\b((?:prometheus|alertmanager|vmalert)_[a-z_]+)\b",
+                                    rule["expr"]))
+    assert {"vmalert_recording_rules_error", "prometheus_rule_evaluation_failures_total",
+            "alertmanager_config_last_reload_successful"} <= names, names
+    return names
+
+
+ALWAYS_FIRING = "ScaleTestAlwaysFiring"
+ALWAYS_FIRING_SUMMARY = "Fires from the first evaluation, in both rulers."
+
+
+def always_firing_rule(tmp: Path) -> Path:
+    path = tmp / "always-firing.alerts.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "scale-test", "interval": "1s", "rules": [
+        {"alert": ALWAYS_FIRING, "expr": "vector(1)",
+         "labels": {"severity": "ticket", "component": "scale-test"},
+         "annotations": {"summary": ALWAYS_FIRING_SUMMARY}}]}]}))
+    return path
+
+
+def executive_alert(query_url: str) -> dict[str, Any]:
+    """The always-firing alert as /executive-dashboard over ``query_url`` lists it."""
+    import api
+    from tests.api.conftest import API_KEY, api_config
+
+    app = api.create_app(api_config(query_url), api_keys=(API_KEY,))
+    try:
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while not found and time.monotonic() < deadline:
+            r = app.test_client().get("/executive-dashboard", headers={"X-API-Key": API_KEY})
+            assert r.status_code == 200, r.json
+            found = [a for a in r.json["data"]["alerts"] if a["name"] == ALWAYS_FIRING]
+            time.sleep(0.2)
+    finally:
+        api.close_app(app)
+    assert len(found) == 1, f"{ALWAYS_FIRING} not listed by the API over {query_url}"
+    alert = found[0]
+    assert alert["active_at"], alert
+    return {k: v for k, v in alert.items() if k != "active_at"}
 
 
 def api_success_ratios(query_url: str) -> dict[str, float]:
