@@ -178,6 +178,24 @@ UPSTREAM_SERIES = {
     "process_max_fds",
     "process_open_fds",
     "process_resident_memory_bytes",
+    "vmalert_alerting_rules_error",
+    "vmalert_alerts_send_errors_total",
+    "vmalert_config_last_reload_successful",
+    "vmalert_iteration_duration_seconds_count",
+    "vmalert_iteration_duration_seconds_sum",
+    "vmalert_iteration_interval_seconds",
+    "vmalert_iteration_missed_total",
+    "vmalert_recording_rules_error",
+    "vmalert_remotewrite_dropped_rows_total",
+    "vmalert_remotewrite_errors_total",
+    "vmalert_remotewrite_sent_rows_total",
+    "vm_data_size_bytes",
+    "vm_free_disk_space_bytes",
+    "vm_http_request_errors_total",
+    "vm_http_requests_total",
+    "vm_new_timeseries_created_total",
+    "vm_rows_inserted_total",
+    "vm_slow_queries_total",
 }
 
 
@@ -550,9 +568,11 @@ def _stack_config(tmp: Path, port: int, prometheus_url: str) -> Path:
 
 
 def shipped_scrape_jobs() -> set[str]:
-    """The job names of prometheus/prometheus.yml: rules, alerts and dashboards select on them."""
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
-    return {job["job_name"] for job in config["scrape_configs"]}
+    """The job names of prometheus/prometheus.yml and of the scale profile's
+    prometheus.scale.yml: rules, alerts and dashboards select on them."""
+    return {job["job_name"]
+            for path in (PROMETHEUS_CONFIG, PROMETHEUS_CONFIG.with_name("prometheus.scale.yml"))
+            for job in yaml.safe_load(path.read_text(encoding="utf-8"))["scrape_configs"]}
 
 
 class Clients:
@@ -634,13 +654,16 @@ def test_every_panel_returns_data(
     tmp_path: Path,
     prometheus_factory: Callable[..., servers.PrometheusServer],
     alertmanager_factory: Callable[..., servers.AlertmanagerServer],
+    vm_factory: Callable[..., servers.VictoriaMetricsServer],
+    vmalert_factory: Callable[..., servers.VmalertServer],
 ) -> None:
     """The whole stack, each part real: exporter + simulator (cost-spike incident, so the
     cheaper-model recommendation fires, and a little noise, so rejected events exist), the
     REST API under gunicorn, Alertmanager with the shipped routing, and Prometheus with the
-    project's rules, scraping every job of prometheus/prometheus.yml (itself included) and
-    sending its alerts to that Alertmanager; Clients push events and call the API. Every panel
-    query must return at least one series."""
+    project's rules, scraping every job of prometheus/prometheus.yml and of the scale profile
+    (itself, VictoriaMetrics it remote-writes to and vmalert evaluating the same rules
+    included) and sending its alerts to that Alertmanager; Clients push events and call the
+    API. Every panel query must return at least one series."""
     (tmp_path / "events").mkdir()
     port, api_port, prom_port = servers.free_port(), servers.free_port(), servers.free_port()
     cfg = _stack_config(tmp_path, port, f"http://127.0.0.1:{prom_port}")
@@ -665,24 +688,33 @@ def test_every_panel_returns_data(
         )
         api = _start_api(tmp_path, cfg, api_port)
         am = alertmanager_factory(alertmanager_config(tmp_path, receiver.url))
+        rules = _fast_rule_copies(tmp_path / "rules")
+        vm = vm_factory()
+        # vmalert only has to show its own health: one recording and one alerting file (the
+        # stack's), not a second evaluation of every rule beside Prometheus' on two cores.
+        vmalert = vmalert_factory([r for r in rules if r.name.startswith("system.")], vm.url,
+                                  remote_write_url=vm.url, notifier_url=am.url)
         jobs = {
             "aicrm-exporter": f"127.0.0.1:{port}",
             "aicrm-api": f"127.0.0.1:{api_port}",
             "prometheus": f"127.0.0.1:{prom_port}",
             "alertmanager": f"127.0.0.1:{am.port}",
+            "victoriametrics": f"127.0.0.1:{vm.port}",
+            "vmalert": f"127.0.0.1:{vmalert.port}",
         }
-        assert set(jobs) == shipped_scrape_jobs(), "scrape every job prometheus.yml scrapes"
+        assert set(jobs) == shipped_scrape_jobs(), "scrape every job the shipped configs scrape"
         prom = prometheus_factory(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "alerting": {"alertmanagers": [
                     {"static_configs": [{"targets": [jobs["alertmanager"]]}]}]},
+                "remote_write": [{"url": f"{vm.url}/api/v1/write"}],
                 "scrape_configs": [
                     {"job_name": job, "static_configs": [{"targets": [target]}]}
                     for job, target in jobs.items()
                 ],
             },
-            rule_files=_fast_rule_copies(tmp_path / "rules"),
+            rule_files=rules,
             port=prom_port,
         )
         prom.wait_for_targets_up()
@@ -700,8 +732,11 @@ def test_every_panel_returns_data(
                     promql = substitute(expr, written, GRAFANA_GLOBALS_FOR_DATA)
                     if not prom.query(promql):
                         empty.append(f"{where}\n    {promql}")
-        assert not empty, (f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
-                           + f"\nclient requests: {clients.codes}")
+        if empty:
+            targets = [f"{t['labels']['job']} {t['health']} {t['lastError']}"
+                       for t in prom.get_json("/api/v1/targets")["data"]["activeTargets"]]
+            pytest.fail(f"{len(empty)} panel queries return no data:\n" + "\n".join(empty)
+                        + f"\nclient requests: {clients.codes}\ntargets:\n" + "\n".join(targets))
         owners = {a["name"]: a.get("team", "default")
                   for a in json.loads(cfg.read_text(encoding="utf-8"))["agents"]}
         problems = team_variable_problems(prom, owners)

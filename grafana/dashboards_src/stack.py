@@ -1,6 +1,7 @@
 """Stack health: is the monitoring stack itself working? Scrape targets, the exporter's sources
 and push endpoint, the REST API, Prometheus' rule evaluation, storage and alert delivery,
-Alertmanager's notifications, and their processes.
+Alertmanager's notifications, the scale profile's VictoriaMetrics and vmalert, and their
+processes.
 
 Where a recording rule keeps what a panel needs (the sources' rates, rejected share and label
 overflow), the panel reads it, as the alerts do. Everything else reads the components' own
@@ -92,7 +93,7 @@ def alertmanagers_discovered() -> stat.Panel:
 def config_reloads() -> stat.Panel:
     return c.stat_panel(
         "Last config reload",
-        "Whether Prometheus and Alertmanager loaded their configuration file on the last "
+        "Whether Prometheus, Alertmanager (and vmalert) loaded their configuration on the last "
         "(re)load. Failed: they keep running the previous configuration, so a change made "
         "since (a new rule file, a receiver) is not in effect; their logs name the error.",
         c.COUNT,
@@ -101,6 +102,8 @@ def config_reloads() -> stat.Panel:
                     "{{job}} {{instance}}"),
             c.query(f"alertmanager_config_last_reload_successful{{{INSTANCE}}}",
                     "{{job}} {{instance}}", "B"),
+            c.query(f"vmalert_config_last_reload_successful{{{INSTANCE}}}",
+                    "{{job}} {{instance}}", "C"),
         ],
         width=4,
     ).mappings(c.up_down_mappings("Failed", "OK")).color_mode(common.BigValueColorMode.BACKGROUND)
@@ -676,11 +679,133 @@ def am_failed() -> timeseries.Panel:
     )
 
 
+# --- VictoriaMetrics and vmalert (the scale profile) --------------------------------------
+# In docker-compose.yml's scale profile vmalert evaluates the rules against VictoriaMetrics and
+# Prometheus only scrapes and remote-writes; without the profile these panels have no data.
+VMALERT = f'job="vmalert", {INSTANCE}'
+VM = f'job="victoriametrics", {INSTANCE}'
+
+
+def vmalert_group_load() -> timeseries.Panel:
+    mean = (f"rate(vmalert_iteration_duration_seconds_sum{{{VMALERT}}}{RATE}) / "
+            f"rate(vmalert_iteration_duration_seconds_count{{{VMALERT}}}{RATE})")
+    return c.timeseries_panel(
+        "vmalert rule group duration / interval",
+        "The ten rule groups whose evaluations take the largest share of their interval "
+        "(mean over the rate window). Near 100%: the group cannot keep up, iterations are "
+        "missed and recorded series and alerts lag (AicrmRuleEvaluationsMissed).",
+        c.RATIO,
+        [c.query(
+            f"topk(10, max by (group) (({mean}) / on (job, instance, group, file) "
+            f"vmalert_iteration_interval_seconds{{{VMALERT}}}))",
+            "{{group}}",
+        )],
+        width=8,
+        min_val=0,
+    )
+
+
+def vmalert_problems() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "vmalert failing rules and missed iterations",
+        "Rules whose last evaluation failed, by group (AicrmRuleEvaluationFailing pages after "
+        "15m), and iterations skipped per second because the previous one still ran. Both "
+        "should be 0; vmalert's /vmalert/groups page shows the error.",
+        c.COUNT,
+        [
+            c.query(
+                "sum by (group) ({__name__=~\"vmalert_recording_rules_error|"
+                f"vmalert_alerting_rules_error\", {VMALERT}}})",
+                "failing {{group}}",
+            ),
+            c.query(
+                f"sum by (group) (rate(vmalert_iteration_missed_total{{{VMALERT}}}{RATE}))",
+                "missed/s {{group}}",
+                "B",
+            ),
+        ],
+        width=8,
+    )
+
+
+def vmalert_outputs() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "vmalert writes and notifications",
+        "Recorded samples vmalert writes back to VictoriaMetrics per second, and what fails: "
+        "remote-write errors and dropped rows (recorded series get gaps), alert notifications "
+        "that could not be sent to Alertmanager.",
+        c.OPS,
+        [
+            c.query(f"sum by (instance) (rate(vmalert_remotewrite_sent_rows_total{{{VMALERT}}}"
+                    f"{RATE}))", "rows written {{instance}}"),
+            c.query(f"sum by (instance) (rate(vmalert_remotewrite_errors_total{{{VMALERT}}}"
+                    f"{RATE}))", "write errors {{instance}}", "B"),
+            c.query(f"sum by (instance) (rate(vmalert_remotewrite_dropped_rows_total"
+                    f"{{{VMALERT}}}{RATE}))", "rows dropped {{instance}}", "C"),
+            c.query(f"sum by (instance) (rate(vmalert_alerts_send_errors_total{{{VMALERT}}}"
+                    f"{RATE}))", "notification errors {{instance}}", "D"),
+        ],
+        width=8,
+    )
+
+
+def vm_ingestion() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "VictoriaMetrics ingestion",
+        "Samples stored per second (Prometheus' remote write and vmalert's recorded series) "
+        "and new series created per second: a jump in new series is cardinality growth.",
+        c.OPS,
+        [
+            c.query(f"sum by (instance) (rate(vm_rows_inserted_total{{{VM}}}{RATE}))",
+                    "samples {{instance}}"),
+            c.query(f"sum by (instance) (rate(vm_new_timeseries_created_total{{{VM}}}{RATE}))",
+                    "new series {{instance}}", "B"),
+        ],
+        width=8,
+    )
+
+
+def vm_storage() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "VictoriaMetrics storage",
+        "Data on disk and free space on its volume. VictoriaMetrics turns read-only when free "
+        "space falls below its limit (-storage.minFreeDiskSpaceBytes): from then no sample "
+        "is stored.",
+        c.BYTES,
+        [
+            c.query(f"sum by (instance) (vm_data_size_bytes{{{VM}}})", "data {{instance}}"),
+            c.query(f"min by (instance) (vm_free_disk_space_bytes{{{VM}}})",
+                    "free {{instance}}", "B"),
+        ],
+        width=8,
+    )
+
+
+def vm_queries() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "VictoriaMetrics queries",
+        "Queries per second (the API, Grafana and vmalert ask these), slow ones (over "
+        "-search.logSlowQueryDuration) and failed requests of any path.",
+        c.OPS,
+        [
+            c.query(f"sum by (instance) (rate(vm_http_requests_total{{{VM}, "
+                    f"path=~\"/api/v1/query|/api/v1/query_range\"}}{RATE}))",
+                    "queries {{instance}}"),
+            c.query(f"sum by (instance) (rate(vm_slow_queries_total{{{VM}}}{RATE}))",
+                    "slow {{instance}}", "B"),
+            c.query(f"sum by (instance) (rate(vm_http_request_errors_total{{{VM}}}{RATE}))",
+                    "errors {{instance}}", "C"),
+        ],
+        width=8,
+    )
+
+
 # --- Processes -----------------------------------------------------------------------------
 
 PROCESSES = (
     "the exporter, the REST API (its gunicorn master and workers as one: CPU and memory summed, "
-    "descriptors of the process nearest its limit), Prometheus and Alertmanager"
+    "descriptors of the process nearest its limit), Prometheus and Alertmanager, and in the "
+    "scale profile VictoriaMetrics and vmalert"
 )
 
 
@@ -765,6 +890,12 @@ def build() -> model.Dashboard:
         builder,
         "Alertmanager",
         [am_alerts(), am_alerts_received(), am_silences(), am_notifications(), am_failed()],
+    )
+    builder = c.add_row(
+        builder,
+        "VictoriaMetrics and vmalert (scale profile)",
+        [vmalert_group_load(), vmalert_problems(), vmalert_outputs(), vm_ingestion(),
+         vm_storage(), vm_queries()],
     )
     builder = c.add_row(builder, "Processes", [cpu(), memory(), open_fds()])
     return c.finish(builder)
