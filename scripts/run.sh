@@ -5,12 +5,25 @@
 # project's rules, Alertmanager and the API under gunicorn. Prints the URLs and a one-line
 # status, keeps running, and stops everything on Ctrl-C or SIGTERM.
 #
+# With AICRM_RUN_PROFILE=scale it runs docker-compose.yml's `scale` profile instead: Prometheus
+# (prometheus/prometheus.scale.yml) scrapes and remote-writes everything to VictoriaMetrics and
+# evaluates no rules; vmalert evaluates the same rule files against VictoriaMetrics, writes the
+# results back there and notifies Alertmanager; the API queries VictoriaMetrics, which passes
+# /api/v1/alerts and /api/v1/rules on to vmalert (docs/scaling.md).
+#
 # `make run` runs scripts/setup.sh first (Debian packages, .venv). Environment:
+#   AICRM_RUN_PROFILE        unset or empty: the stack above; scale: with VictoriaMetrics and
+#                            vmalert (needs victoria-metrics and vmalert, Debian's victoria-metrics)
 #   AICRM_DATA_DIR           data, logs, generated configs and secrets (default ./data)
 #   AICRM_EXPORTER_PORT      9464     AICRM_API_PORT           5000
 #   AICRM_PROMETHEUS_PORT    9090     AICRM_ALERTMANAGER_PORT  9093
-#   AICRM_SCRAPE_INTERVAL    Prometheus scrape interval (default: prometheus/prometheus.yml's)
-#   AICRM_RULE_INTERVAL      evaluate every rule group at this interval (default: the files')
+#   AICRM_VICTORIAMETRICS_PORT 8428   AICRM_VMALERT_PORT       8880   (scale only)
+#   AICRM_VM_ARGS, AICRM_VMALERT_ARGS   more victoria-metrics and vmalert options (scale only),
+#                            e.g. -search.latencyOffset=0s and -remoteWrite.flushInterval=1s:
+#                            samples queryable at once (not after 30s), results written every 1s
+#   AICRM_SCRAPE_INTERVAL    Prometheus scrape interval (default: the prometheus/*.yml file's)
+#   AICRM_RULE_INTERVAL      evaluate every rule group at this interval (default: the files';
+#                            vmalert's -evaluationInterval: this, else 30s as in compose)
 #   AICRM_SIM_RATE           simulated tasks per second (2); AICRM_SIM_ARGS: more options
 #   AICRM_STATUS_SECONDS     print the status line this often (60; 0: only at start)
 #   AICRM_INGEST_TOKEN, AICRM_API_KEYS   generated into $AICRM_DATA_DIR/run/secrets.env if unset
@@ -21,6 +34,16 @@ cd "$ROOT"
 say() { printf 'run: %s\n' "$*"; }
 die() { printf 'run: %s\n' "$*" >&2; exit 1; }
 
+# --- profile: checked before anything is installed, written or started ---------------------
+PROFILE=${AICRM_RUN_PROFILE:-}
+case $PROFILE in
+  '' | scale) ;;
+  *) die "AICRM_RUN_PROFILE='$PROFILE' is not a run profile: set it to scale (VictoriaMetrics \
+and vmalert, as docker-compose.yml's scale profile), or leave it unset or empty for the default \
+stack" ;;
+esac
+export AICRM_RUN_PROFILE=$PROFILE
+
 # --- platform -----------------------------------------------------------------------------
 is_debian() {
   command -v apt-get >/dev/null 2>&1 && [ -r /etc/os-release ] &&
@@ -30,6 +53,10 @@ AM_BIN=$(command -v prometheus-alertmanager || command -v alertmanager || true)
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 [ -n "$AM_BIN" ] || missing+=(alertmanager)
+if [ "$PROFILE" = scale ]; then
+  command -v victoria-metrics >/dev/null 2>&1 || missing+=(victoria-metrics)
+  command -v vmalert >/dev/null 2>&1 || missing+=(vmalert)
+fi
 [ -x .venv/bin/aicrm-exporter ] || missing+=(".venv (Python venv with the project)")
 if ((${#missing[@]})); then
   if is_debian; then
@@ -37,13 +64,20 @@ if ((${#missing[@]})); then
     scripts/setup.sh
     AM_BIN=$(command -v prometheus-alertmanager || command -v alertmanager || true)
   else
+    vm_line='' compose='docker compose --profile demo up'
+    if [ "$PROFILE" = scale ]; then
+      vm_line="  - VictoriaMetrics >= 1.79 ('victoria-metrics' and 'vmalert' on PATH)
+      https://github.com/VictoriaMetrics/VictoriaMetrics/releases
+"
+      compose='PROMETHEUS_CONFIG=prometheus.scale.yml AICRM_QUERY_URL=http://victoriametrics:8428 docker compose --profile demo --profile scale up'
+    fi
     cat >&2 <<EOF
 run: missing: ${missing[*]}
 run: this script runs the stack from Debian/Ubuntu packages. On this system install:
   - Prometheus >= 2.42 ('prometheus' on PATH)      https://prometheus.io/download/
   - Alertmanager >= 0.25 ('alertmanager' on PATH)  https://prometheus.io/download/
-  - Python >= 3.11, then: python3 -m venv .venv && .venv/bin/pip install -e .
-run: or run it in containers instead: docker compose --profile demo up (docs/deploy.md)
+${vm_line}  - Python >= 3.11, then: python3 -m venv .venv && .venv/bin/pip install -e .
+run: or run it in containers instead: $compose (docs/deploy.md)
 EOF
     exit 1
   fi
@@ -60,10 +94,15 @@ export AICRM_EXPORTER_PORT=${AICRM_EXPORTER_PORT:-9464}
 export AICRM_API_PORT=${AICRM_API_PORT:-5000}
 export AICRM_PROMETHEUS_PORT=${AICRM_PROMETHEUS_PORT:-9090}
 export AICRM_ALERTMANAGER_PORT=${AICRM_ALERTMANAGER_PORT:-9093}
+if [ "$PROFILE" = scale ]; then
+  export AICRM_VICTORIAMETRICS_PORT=${AICRM_VICTORIAMETRICS_PORT:-8428}
+  export AICRM_VMALERT_PORT=${AICRM_VMALERT_PORT:-8880}
+fi
 SIM_RATE=${AICRM_SIM_RATE:-2}
 STATUS_SECONDS=${AICRM_STATUS_SECONDS:-60}
 mkdir -p "$RUN_DIR/pids" "$LOG_DIR" "$DATA_DIR/events" "$DATA_DIR/state" "$DATA_DIR/simulator" \
          "$DATA_DIR/prometheus" "$DATA_DIR/alertmanager"
+if [ "$PROFILE" = scale ]; then mkdir -p "$DATA_DIR/victoriametrics"; fi
 rm -f "$RUN_DIR"/pids/*.pid
 
 # The API is optional until its package is installed: api:create_app() must import.
@@ -92,6 +131,7 @@ export AICRM_INGEST_TOKEN AICRM_API_KEYS
 # --- configuration ------------------------------------------------------------------------
 ports=(exporter prometheus alertmanager)
 [ "$AICRM_RUN_API" = 1 ] && ports+=(api)
+[ "$PROFILE" = scale ] && ports+=(victoriametrics vmalert)
 "${HELPER[@]}" ports "${ports[@]}" || exit 1
 "${HELPER[@]}" generate || exit 1
 CONFIG=$RUN_DIR/config.json
@@ -99,6 +139,14 @@ export AICRM_CONFIG=$CONFIG
 .venv/bin/aicrm-exporter --config "$CONFIG" --check-config >/dev/null || exit 1
 promtool check config "$RUN_DIR/prometheus.yml" >"$LOG_DIR/promtool.log" 2>&1 ||
   die "generated $RUN_DIR/prometheus.yml is invalid; see $LOG_DIR/promtool.log"
+VMALERT_RULES=()
+if [ "$PROFILE" = scale ]; then
+  # The rule files Prometheus would evaluate (copies with AICRM_RULE_INTERVAL), for vmalert.
+  rule_files=$("${HELPER[@]}" rules) || exit 1
+  while IFS= read -r rule; do VMALERT_RULES+=("-rule=$rule"); done <<<"$rule_files"
+  vmalert -dryRun "${VMALERT_RULES[@]}" >"$LOG_DIR/vmalert-check.log" 2>&1 ||
+    die "vmalert does not accept the rule files; see $LOG_DIR/vmalert-check.log"
+fi
 
 # --- processes ----------------------------------------------------------------------------
 # Each component runs in its own session (process group), so Ctrl-C reaches only this script,
@@ -170,6 +218,8 @@ E=http://127.0.0.1:$AICRM_EXPORTER_PORT
 P=http://127.0.0.1:$AICRM_PROMETHEUS_PORT
 A=http://127.0.0.1:$AICRM_ALERTMANAGER_PORT
 API=http://127.0.0.1:$AICRM_API_PORT
+VM=http://127.0.0.1:${AICRM_VICTORIAMETRICS_PORT:-8428}
+VMA=http://127.0.0.1:${AICRM_VMALERT_PORT:-8880}
 
 say "data in $DATA_DIR, logs in $LOG_DIR"
 # The simulator first: it creates the tasks table the exporter reads.
@@ -182,6 +232,20 @@ start alertmanager "$AM_BIN" --config.file="$RUN_DIR/alertmanager.yml" \
   --storage.path="$DATA_DIR/alertmanager" --web.listen-address="127.0.0.1:$AICRM_ALERTMANAGER_PORT" \
   --cluster.listen-address=
 ready alertmanager "$A/-/ready"
+if [ "$PROFILE" = scale ]; then
+  # VictoriaMetrics before Prometheus writes to it and vmalert reads it; vmalert after
+  # Alertmanager, which it notifies. Retention: docker-compose.yml's default (VM_RETENTION).
+  # shellcheck disable=SC2086  # AICRM_VM_ARGS is a list of options
+  start victoriametrics victoria-metrics -storageDataPath="$DATA_DIR/victoriametrics" \
+    -retentionPeriod=90d -httpListenAddr="127.0.0.1:$AICRM_VICTORIAMETRICS_PORT" \
+    -vmalert.proxyURL="$VMA" ${AICRM_VM_ARGS:-}
+  ready victoriametrics "$VM/health"
+  # shellcheck disable=SC2086  # AICRM_VMALERT_ARGS is a list of options
+  start vmalert vmalert "${VMALERT_RULES[@]}" -datasource.url="$VM" -remoteWrite.url="$VM" \
+    -remoteRead.url="$VM" -notifier.url="$A" -evaluationInterval="${AICRM_RULE_INTERVAL:-30s}" \
+    -httpListenAddr="127.0.0.1:$AICRM_VMALERT_PORT" ${AICRM_VMALERT_ARGS:-}
+  ready vmalert "$VMA/-/healthy"
+fi
 start prometheus prometheus --config.file="$RUN_DIR/prometheus.yml" \
   --storage.tsdb.path="$DATA_DIR/prometheus" --web.listen-address="127.0.0.1:$AICRM_PROMETHEUS_PORT" \
   --web.enable-lifecycle
@@ -210,6 +274,12 @@ cat <<EOF
   prometheus    $P
   alertmanager  $A
 EOF
+if [ "$PROFILE" = scale ]; then
+  cat <<EOF
+  victoriametrics $VM   (Prometheus writes here, the API queries it)
+  vmalert       $VMA   (evaluates the rules, writes to victoriametrics)
+EOF
+fi
 if [ "$AICRM_RUN_API" = 1 ]; then
   echo "  api           $API/executive-dashboard   (key in $SECRETS)"
 else

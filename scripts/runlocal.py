@@ -4,6 +4,7 @@ run.sh owns the processes; this module only writes files under the data director
 HTTP to the components, so every decision about what runs where stays in one shell script.
 
     runlocal.py generate     write $AICRM_DATA_DIR/run/{config.json,prometheus.yml,alertmanager.yml}
+    runlocal.py rules        the rule file globs Prometheus or vmalert evaluates, one a line
     runlocal.py ports        fail if a port run.sh is about to use is taken
     runlocal.py wait NAME URL PID LOG [TIMEOUT]
     runlocal.py targets      wait (bounded) until Prometheus has scraped every target once
@@ -11,6 +12,9 @@ HTTP to the components, so every decision about what runs where stays in one she
     runlocal.py token        a random secret
 
 Settings come from the environment run.sh exports (AICRM_DATA_DIR, AICRM_*_PORT, ...).
+With AICRM_RUN_PROFILE=scale (docker-compose.yml's `scale` profile) Prometheus runs
+prometheus/prometheus.scale.yml: it remote-writes to VictoriaMetrics and evaluates no rules;
+vmalert evaluates them against VictoriaMetrics, and the API queries VictoriaMetrics.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -35,20 +40,41 @@ from exporter import alertmanager_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_TEMPLATE = ROOT / "prometheus" / "prometheus.yml"
+PROMETHEUS_SCALE_TEMPLATE = ROOT / "prometheus" / "prometheus.scale.yml"
 ALERTMANAGER_YML = ROOT / "alertmanager" / "alertmanager.yml"
 RULES_DIR = ROOT / "recording_rules"
 RULE_GLOBS = ("*.rules.yml", "alerts/*.alerts.yml")
 
-DEFAULT_PORTS = {"exporter": 9464, "api": 5000, "prometheus": 9090, "alertmanager": 9093}
-# Scrape job in prometheus/prometheus.yml -> the component it scrapes.
+PROFILE_ENV = "AICRM_RUN_PROFILE"
+PROFILES = ("", "scale")
+"""The default stack (unset or empty) and docker-compose.yml's `scale` profile."""
+SCALE_COMPONENTS = ("victoriametrics", "vmalert")
+"""What the scale profile runs besides the default stack."""
+
+# Component (also its service name in docker-compose.yml) -> default port.
+DEFAULT_PORTS = {
+    "exporter": 9464,
+    "api": 5000,
+    "prometheus": 9090,
+    "alertmanager": 9093,
+    "victoriametrics": 8428,
+    "vmalert": 8880,
+}
+# Scrape job in prometheus/prometheus.yml and prometheus.scale.yml -> the component it scrapes.
 JOBS = {
     "aicrm-exporter": "exporter",
     "aicrm-api": "api",
     "prometheus": "prometheus",
     "alertmanager": "alertmanager",
+    "victoriametrics": "victoriametrics",
+    "vmalert": "vmalert",
 }
 # Services Debian's packages start on the same default ports (systemd units).
-SYSTEM_UNITS = {"prometheus": "prometheus", "alertmanager": "prometheus-alertmanager"}
+SYSTEM_UNITS = {
+    "prometheus": "prometheus",
+    "alertmanager": "prometheus-alertmanager",
+    "victoriametrics": "victoria-metrics",
+}
 DURATION_RE = re.compile(r"^(\d+(ms|s|m|h))+$")
 
 
@@ -56,11 +82,37 @@ class Fail(Exception):
     """A message for the user; run.sh prints it and stops."""
 
 
+def port_env(name: str) -> str:
+    """The variable that sets a component's port: AICRM_<NAME>_PORT."""
+    return f"AICRM_{name.upper()}_PORT"
+
+
 def port(name: str) -> int:
-    value = os.environ.get(f"AICRM_{name.upper()}_PORT") or str(DEFAULT_PORTS[name])
+    if name not in DEFAULT_PORTS:
+        raise Fail(f"no component {name!r}; the components are {', '.join(DEFAULT_PORTS)}")
+    value = os.environ.get(port_env(name)) or str(DEFAULT_PORTS[name])
     if not value.isdigit() or not 0 < int(value) < 65536:
-        raise Fail(f"AICRM_{name.upper()}_PORT={value!r} is not a port number")
+        raise Fail(f"{port_env(name)}={value!r} is not a port number")
     return int(value)
+
+
+def local_url(name: str, path: str = "") -> str:
+    return f"http://127.0.0.1:{port(name)}{path}"
+
+
+def profile() -> str:
+    value = os.environ.get(PROFILE_ENV, "")
+    if value not in PROFILES:
+        raise Fail(
+            f"{PROFILE_ENV}={value!r} is not a run profile: set it to scale (VictoriaMetrics "
+            "and vmalert, as docker-compose.yml's scale profile), or leave it unset or empty "
+            "for the default stack"
+        )
+    return value
+
+
+def scale() -> bool:
+    return profile() == "scale"
 
 
 def data_dir() -> Path:
@@ -69,6 +121,21 @@ def data_dir() -> Path:
 
 def api_enabled() -> bool:
     return os.environ.get("AICRM_RUN_API", "1") == "1"
+
+
+def components() -> list[str]:
+    """What run.sh starts in this profile, in DEFAULT_PORTS' order."""
+    names = ["exporter", "prometheus", "alertmanager"]
+    if api_enabled():
+        names.append("api")
+    if scale():
+        names.extend(SCALE_COMPONENTS)
+    return [name for name in DEFAULT_PORTS if name in names]
+
+
+def query_component() -> str:
+    """What the API (and Grafana in compose: AICRM_QUERY_URL) queries."""
+    return "victoriametrics" if scale() else "prometheus"
 
 
 def _duration(env: str) -> str | None:
@@ -111,7 +178,7 @@ def local_config(source: Path, data: Path) -> dict[str, Any]:
     exporter["state_dir"] = move(exporter.get("state_dir", "data/state"))
     exporter["listen"] = f"127.0.0.1:{port('exporter')}"
     api = cfg.setdefault("api", {})
-    api["prometheus_url"] = f"http://127.0.0.1:{port('prometheus')}"
+    api["prometheus_url"] = local_url(query_component())
     api["listen"] = f"127.0.0.1:{port('api')}"
     return cfg
 
@@ -133,8 +200,20 @@ def local_rules(run: Path) -> list[str]:
     return [str(out / g) for g in RULE_GLOBS]
 
 
-def local_prometheus(template: dict[str, Any], rule_files: list[str]) -> dict[str, Any]:
-    """prometheus/prometheus.yml with loopback targets, local rule paths and intervals."""
+def _local_target(url: str, source: Path) -> str:
+    """A URL of the template (http://victoriametrics:8428/api/v1/write) on loopback."""
+    parts = urlsplit(url)
+    name = parts.hostname or ""
+    if name not in components():
+        raise Fail(f"{source}: {url!r} names no component run.sh starts in this profile")
+    return urlunsplit(parts._replace(scheme="http", netloc=f"127.0.0.1:{port(name)}"))
+
+
+def local_prometheus(
+    template: dict[str, Any], rule_files: list[str], source: Path = PROMETHEUS_TEMPLATE
+) -> dict[str, Any]:
+    """``source`` (prometheus/prometheus.yml or prometheus.scale.yml) with loopback targets and
+    remote-write URLs, local rule paths (none: no rule_files) and intervals."""
     cfg = json.loads(json.dumps(template))  # deep copy
     glob = cfg.setdefault("global", {})
     scrape = _duration("AICRM_SCRAPE_INTERVAL")
@@ -145,17 +224,26 @@ def local_prometheus(template: dict[str, Any], rule_files: list[str]) -> dict[st
     evaluation = _duration("AICRM_RULE_INTERVAL")
     if evaluation:
         glob["evaluation_interval"] = evaluation
-    cfg["rule_files"] = rule_files
+    if rule_files:
+        cfg["rule_files"] = rule_files
+    else:
+        cfg.pop("rule_files", None)
     cfg["alerting"] = {
         "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{port('alertmanager')}"]}]}]
     }
+    for remote in cfg.get("remote_write", []):
+        remote["url"] = _local_target(remote["url"], source)
+    running = components()
     jobs = []
     for job in cfg.get("scrape_configs", []):
         name = job["job_name"]
         if name not in JOBS:
-            raise Fail(f"{PROMETHEUS_TEMPLATE}: job {name!r} has no local component")
+            raise Fail(f"{source}: job {name!r} has no local component")
         if JOBS[name] == "api" and not api_enabled():
             continue
+        if JOBS[name] not in running:
+            raise Fail(f"{source}: job {name!r} scrapes {JOBS[name]}, which runs only with "
+                       f"{PROFILE_ENV}=scale")
         job["static_configs"] = [{"targets": [f"127.0.0.1:{port(JOBS[name])}"]}]
         jobs.append(job)
     cfg["scrape_configs"] = jobs
@@ -189,10 +277,13 @@ def generate() -> None:
     config = local_config(source, data)
     (run / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-    template = yaml.safe_load(PROMETHEUS_TEMPLATE.read_text(encoding="utf-8"))
-    prometheus = local_prometheus(template, local_rules(run))
+    # The scale profile: vmalert evaluates the rules (run.sh passes it `runlocal.py rules`).
+    rules = local_rules(run)
+    source = PROMETHEUS_SCALE_TEMPLATE if scale() else PROMETHEUS_TEMPLATE
+    template = yaml.safe_load(source.read_text(encoding="utf-8"))
+    prometheus = local_prometheus(template, [] if scale() else rules, source)
     (run / "prometheus.yml").write_text(
-        "# Generated by scripts/run.sh from prometheus/prometheus.yml; edits are overwritten.\n"
+        f"# Generated by scripts/run.sh from {source.relative_to(ROOT)}; edits are overwritten.\n"
         + yaml.safe_dump(prometheus, sort_keys=False),
         encoding="utf-8",
     )
@@ -294,14 +385,15 @@ def status_line() -> str:
     def mark(ok: bool) -> str:
         return "✓" if ok else "✗"
 
-    def url(name: str, path: str) -> str:
-        return f"http://127.0.0.1:{port(name)}{path}"
-
+    url = local_url
     parts = [f"exporter {mark(healthy(url('exporter', '/healthz')))}"]
     up, total = prometheus_targets()
     prom_ok = healthy(url("prometheus", "/-/ready"))
     parts.append(f"prometheus {mark(prom_ok)} (targets {up}/{total})")
     parts.append(f"alertmanager {mark(healthy(url('alertmanager', '/-/ready')))}")
+    if scale():
+        parts.append(f"victoriametrics {mark(healthy(url('victoriametrics', '/health')))}")
+        parts.append(f"vmalert {mark(healthy(url('vmalert', '/-/healthy')))}")
     if api_enabled():
         parts.append(f"api {mark(healthy(url('api', '/healthz')))}")
     else:
@@ -333,7 +425,7 @@ def check_ports(names: list[str]) -> None:
             try:
                 sock.bind(("127.0.0.1", port(name)))
             except OSError:
-                var = f"AICRM_{name.upper()}_PORT"
+                var = port_env(name)
                 unit = active_system_unit(name)
                 if unit:
                     taken.append(
@@ -353,6 +445,12 @@ def main(argv: list[str]) -> int:
         match argv:
             case ["generate"]:
                 generate()
+            case ["rules"]:
+                rules = local_rules(data_dir() / "run")
+                if any("," in rule for rule in rules):  # vmalert splits -rule at commas
+                    raise Fail(f"vmalert cannot read rule files whose path has a comma: "
+                               f"{', '.join(rules)} (move the repository, or set AICRM_DATA_DIR)")
+                print("\n".join(rules))
             case ["ports", *names]:
                 check_ports(names)
             case ["wait", name, url, pid, log, *rest]:
