@@ -494,12 +494,19 @@ _OVERFLOW = {"alertname": "AicrmLabelOverflow", "severity": "ticket", "label": "
             set(),
         ),
         # Every shard down: one page (the job's); everything derived and the shards' pages wait.
-        # The watchdog is never held back: it must reach its dead man's switch.
+        # The watchdog is never held back: it must reach its dead man's switch; nor are the
+        # stack's own alerts that do not follow from the exporters (a refused config reload).
         (
             [_JOB_DOWN, _SHARD_A, _SHARD_B, _BURN_PAGE, _BELOW, _TASK_WAIT, _INTEGRATION,
              {"alertname": "AicrmSourceDown", "severity": "ticket", "source": "push"},
-             _LLM, _TOOL, _SPEND, _OVERFLOW, _WATCHDOG],
+             _LLM, _TOOL, _SPEND, _OVERFLOW, _WATCHDOG,
+             {"alertname": "AicrmConfigSeriesAbsent", "severity": "ticket"},
+             {"alertname": "AicrmConfigReloadFailed", "severity": "ticket", "job": "prometheus",
+              "instance": "localhost:9090"},
+             {"alertname": "AicrmRuleEvaluationFailing", "severity": "page", "job": "prometheus",
+              "instance": "localhost:9090", "rule_group": "scores.rules.yml;aicrm-scores"}],
             {"AicrmExporterDown", "AicrmAgentErrorBudgetBurn/lead-qualifier/page",
+             "AicrmConfigSeriesAbsent",
              "AicrmAgentSuccessBelowObjective/email-writer/warning",
              "AicrmTaskWaitHigh/qualify_lead/warning",
              "AicrmIntegrationErrorRatioHigh", "AicrmSourceDown", "AicrmLlmErrorRatioHigh",
