@@ -48,9 +48,9 @@ def read_stat(proc: str, pid: int) -> Stat | None:
             data = f.read()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces or ')'.
-    fields = data.rsplit(b")", 1)[1].split()
     try:
+        # The command name (field 2) is in parentheses and may hold spaces or ')'.
+        fields = data.rsplit(b")", 1)[1].split()
         return Stat(ppid=int(fields[1]),
                     own_cpu=(int(fields[11]) + int(fields[12])) / _TICKS,
                     children_cpu=(int(fields[13]) + int(fields[14])) / _TICKS,
