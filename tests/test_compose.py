@@ -7,6 +7,7 @@ No Docker engine is needed: the compose file is read as YAML and checked against
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -225,7 +226,16 @@ def test_prometheus_configs_agree_with_compose(services: dict[str, Any]) -> None
     }
     assert scale["alerting"] == base["alerting"]
     assert scale["global"] == base["global"]
-    assert "rule_files" not in scale
+    # Its one rule file watches vmalert and VictoriaMetrics from outside (both down: vmalert
+    # evaluates nothing); vmalert's -rule globs do not load it, so no alert has two rulers.
+    (watch,) = scale["rule_files"]
+    rel = watch.removeprefix(PROMETHEUS_RULES_MOUNT + "/")
+    assert (ROOT / "recording_rules" / rel).is_file(), watch
+    vmalert_globs = [a.split("=", 1)[1].removeprefix(VMALERT_RULES_MOUNT + "/")
+                     for a in services["vmalert"]["command"] if str(a).startswith("-rule=")]
+    assert not any(fnmatch.fnmatch(rel, g) for g in vmalert_globs), (rel, vmalert_globs)
+    assert not any(fnmatch.fnmatch(rel, g.removeprefix(PROMETHEUS_RULES_MOUNT + "/"))
+                   for g in base["rule_files"]), "the default profile loads it too"
     (remote,) = scale["remote_write"]
     assert remote["url"] == f"http://victoriametrics:{PORTS['victoriametrics']}/api/v1/write"
     # Every target is a compose service on its DESIGN port (Prometheus scrapes itself).

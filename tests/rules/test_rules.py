@@ -31,7 +31,9 @@ ALERTMANAGER_YML = ROOT / "alertmanager" / "alertmanager.yml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 RECORDING_FILES = sorted(RULES_DIR.glob("*.rules.yml"))
-ALERT_FILES = sorted((RULES_DIR / "alerts").glob("*.alerts.yml"))
+# scale/: what Prometheus evaluates in the scale profile, where vmalert evaluates the rest.
+ALERT_FILES = sorted((RULES_DIR / "alerts").glob("*.alerts.yml")) + sorted(
+    (RULES_DIR / "scale").glob("*.alerts.yml"))
 RULE_FILES = RECORDING_FILES + ALERT_FILES
 TEST_FILES = sorted(RULES_DIR.rglob("*_test.yml"))
 
