@@ -43,6 +43,13 @@ def api_installed() -> bool:
     return callable(getattr(api, "create_app", None))
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in run.sh, as a terminal's Ctrl-C finds it: a shell cannot trap a
+    signal it was started with ignored, and a test suite run as a background job without job
+    control (`cmd &` in a script) passes SIGINT down ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Stack:
     """run.sh as a child process, with its output collected line by line.
 
@@ -80,7 +87,7 @@ class Stack:
         self.process = subprocess.Popen(
             [str(RUN_SH)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -409,7 +416,7 @@ def test_run_sh_scale_profile_runs_victoria_metrics_with_vmalert(scale_stack: St
 
     groups = poll(watch, 30, "Prometheus' rule group evaluated")
     assert [(g["name"], [r["name"] for r in g["rules"]]) for g in groups] == [
-        ("aicrm-ruler-watch", ["AicrmRulerDown"])]
+        ("aicrm-ruler-watch", ["AicrmRulerDown", "AicrmStoreReadOnly", "AicrmStoreDiskFillingUp"])]
 
     def targets_up() -> set[str]:
         active = stack.get_json("prometheus", "/api/v1/targets")["data"]["activeTargets"]
