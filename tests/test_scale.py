@@ -367,7 +367,7 @@ def test_victoria_metrics_with_vmalert_answers_like_prometheus(
     # under those names in the real binaries (a typo would leave an alert that never fires).
     served = {name: metric_names(url + "/metrics")
               for name, url in (("prometheus", prometheus.url), ("alertmanager", alertmanager.url),
-                                ("vmalert", vmalert.url))}
+                                ("vmalert", vmalert.url), ("vm", vm.url))}
     for name in system_alert_upstream_names():
         component = name.split("_", 1)[0]
         assert name in served[component], f"{component} does not serve {name}"
@@ -387,15 +387,16 @@ def metric_names(url: str) -> set[str]:
 
 
 def system_alert_upstream_names() -> set[str]:
-    """Prometheus's, Alertmanager's and vmalert's own series named in system.alerts.yml."""
-    doc = yaml.safe_load((RULES / "alerts" / "system.alerts.yml").read_text(encoding="utf-8"))
+    """Prometheus's, Alertmanager's, vmalert's and VictoriaMetrics' own series named in
+    system.alerts.yml and the scale profile's ruler watch."""
     names = set()
-    for group in doc["groups"]:
-        for rule in group["rules"]:
-            names |= set(re.findall(r"\b((?:prometheus|alertmanager|vmalert)_[a-z_]+)\b",
-                                    rule["expr"]))
+    for path in (RULES / "alerts" / "system.alerts.yml", RULES / "scale" / "ruler.alerts.yml"):
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            for rule in group["rules"]:
+                names |= set(re.findall(
+                    r"\b((?:prometheus|alertmanager|vmalert|vm)_[a-z_]+)\b", rule["expr"]))
     assert {"vmalert_recording_rules_error", "prometheus_rule_evaluation_failures_total",
-            "alertmanager_config_last_reload_successful"} <= names, names
+            "alertmanager_config_last_reload_successful", "vm_storage_is_read_only"} <= names, names
     return names
 
 

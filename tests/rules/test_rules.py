@@ -65,7 +65,8 @@ LOCAL_WEBHOOK = "http://127.0.0.1:5001/alerts"
 UPSTREAM_SERIES = {"alertmanager_notifications_failed_total", "process_open_fds",
                    "process_max_fds", "prometheus_rule_evaluation_failures_total",
                    "prometheus_rule_group_iterations_missed_total",
-                   "vmalert_iteration_missed_total"}
+                   "vmalert_iteration_missed_total", "vm_storage_is_read_only",
+                   "vm_free_disk_space_bytes", "vm_free_disk_space_limit_bytes"}
 
 
 def _tool(name: str) -> str:
