@@ -191,6 +191,7 @@ UPSTREAM_SERIES = {
     "vmalert_remotewrite_sent_rows_total",
     "vm_data_size_bytes",
     "vm_free_disk_space_bytes",
+    "vm_free_disk_space_limit_bytes",
     "vm_http_request_errors_total",
     "vm_http_requests_total",
     "vm_new_timeseries_created_total",

@@ -769,14 +769,16 @@ def vm_ingestion() -> timeseries.Panel:
 def vm_storage() -> timeseries.Panel:
     return c.timeseries_panel(
         "VictoriaMetrics storage",
-        "Data on disk and free space on its volume. VictoriaMetrics turns read-only when free "
-        "space falls below its limit (-storage.minFreeDiskSpaceBytes): from then no sample "
-        "is stored.",
+        "Data on disk and free space on its volume, with the limit below which "
+        "VictoriaMetrics turns read-only (-storage.minFreeDiskSpaceBytes) and stores no sample "
+        "(AicrmStoreReadOnly; AicrmStoreDiskFillingUp when the trend gets there within 3 days).",
         c.BYTES,
         [
             c.query(f"sum by (instance) (vm_data_size_bytes{{{VM}}})", "data {{instance}}"),
             c.query(f"min by (instance) (vm_free_disk_space_bytes{{{VM}}})",
                     "free {{instance}}", "B"),
+            c.query(f"max by (instance) (vm_free_disk_space_limit_bytes{{{VM}}})",
+                    "read-only below {{instance}}", "C"),
         ],
         width=8,
     )
