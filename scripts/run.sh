@@ -224,9 +224,12 @@ VMA=http://127.0.0.1:${AICRM_VMALERT_PORT:-8880}
 
 say "data in $DATA_DIR, logs in $LOG_DIR"
 # The simulator first: it creates the tasks table the exporter reads.
-# shellcheck disable=SC2086  # AICRM_SIM_ARGS is a list of options
+# The *_ARGS variables are options separated by blanks, split without glob expansion.
+read -r -a SIM_ARGS <<<"${AICRM_SIM_ARGS:-}"
+read -r -a VM_ARGS <<<"${AICRM_VM_ARGS:-}"
+read -r -a VMALERT_ARGS <<<"${AICRM_VMALERT_ARGS:-}"
 start simulator .venv/bin/aicrm-simulate --config "$CONFIG" --rate "$SIM_RATE" \
-  --control "$DATA_DIR/simulator/incidents" ${AICRM_SIM_ARGS:-}
+  --control "$DATA_DIR/simulator/incidents" "${SIM_ARGS[@]}"
 start exporter .venv/bin/aicrm-exporter --config "$CONFIG" --listen "127.0.0.1:$AICRM_EXPORTER_PORT"
 ready exporter "$E/healthz"
 start alertmanager "$AM_BIN" --config.file="$RUN_DIR/alertmanager.yml" \
@@ -236,15 +239,13 @@ ready alertmanager "$A/-/ready"
 if [ "$PROFILE" = scale ]; then
   # VictoriaMetrics before Prometheus writes to it and vmalert reads it; vmalert after
   # Alertmanager, which it notifies. Retention: docker-compose.yml's default (VM_RETENTION).
-  # shellcheck disable=SC2086  # AICRM_VM_ARGS is a list of options
   start victoriametrics victoria-metrics -storageDataPath="$DATA_DIR/victoriametrics" \
     -retentionPeriod=90d -httpListenAddr="127.0.0.1:$AICRM_VICTORIAMETRICS_PORT" \
-    -vmalert.proxyURL="$VMA" ${AICRM_VM_ARGS:-}
+    -vmalert.proxyURL="$VMA" "${VM_ARGS[@]}"
   ready victoriametrics "$VM/health"
-  # shellcheck disable=SC2086  # AICRM_VMALERT_ARGS is a list of options
   start vmalert vmalert "${VMALERT_RULES[@]}" -datasource.url="$VM" -remoteWrite.url="$VM" \
     -remoteRead.url="$VM" -notifier.url="$A" -evaluationInterval="${AICRM_RULE_INTERVAL:-30s}" \
-    -httpListenAddr="127.0.0.1:$AICRM_VMALERT_PORT" ${AICRM_VMALERT_ARGS:-}
+    -httpListenAddr="127.0.0.1:$AICRM_VMALERT_PORT" "${VMALERT_ARGS[@]}"
   ready vmalert "$VMA/-/healthy"
 fi
 start prometheus prometheus --config.file="$RUN_DIR/prometheus.yml" \
