@@ -7,7 +7,7 @@
 #
 # With AICRM_RUN_PROFILE=scale it runs docker-compose.yml's `scale` profile instead: Prometheus
 # (prometheus/prometheus.scale.yml) scrapes and remote-writes everything to VictoriaMetrics and
-# evaluates only recording_rules/scale/ (vmalert or VictoriaMetrics down); vmalert evaluates the
+# evaluates only recording_rules/scale/ (vmalert or VictoriaMetrics failing); vmalert evaluates the
 # other rule files against VictoriaMetrics, writes the results back there and notifies
 # Alertmanager; the API queries VictoriaMetrics, which passes /api/v1/alerts and /api/v1/rules
 # on to vmalert (docs/scaling.md).

@@ -66,7 +66,8 @@ UPSTREAM_SERIES = {"alertmanager_notifications_failed_total", "process_open_fds"
                    "process_max_fds", "prometheus_rule_evaluation_failures_total",
                    "prometheus_rule_group_iterations_missed_total",
                    "vmalert_iteration_missed_total", "vm_storage_is_read_only",
-                   "vm_free_disk_space_bytes", "vm_free_disk_space_limit_bytes"}
+                   "vm_free_disk_space_bytes", "vm_free_disk_space_limit_bytes",
+                   "vm_rows_added_to_storage_total", "vm_data_size_bytes", "vm_rows"}
 
 
 def _tool(name: str) -> str:
@@ -527,9 +528,24 @@ _OVERFLOW = {"alertname": "AicrmLabelOverflow", "severity": "ticket", "label": "
             {"AicrmTaskErrorBudgetBurn/qualify_lead/ticket",
              "AicrmTaskCompletionBelowObjective/qualify_lead/warning"},
         ),
+        # VictoriaMetrics read-only (scale profile): every series vmalert looks for goes
+        # stale, so the alerts on missing series wait, and so does the disk-headroom ticket of
+        # the same store; a target really down and the watchdog do not.
+        (
+            [{"alertname": "AicrmStoreReadOnly", "severity": "page", "job": "victoriametrics",
+              "instance": "victoriametrics:8428", "path": "/storage"},
+             {"alertname": "AicrmStoreDiskFillingUp", "severity": "ticket",
+              "job": "victoriametrics", "instance": "victoriametrics:8428"},
+             {"alertname": "AicrmScrapeJobAbsent", "severity": "ticket", "job": "aicrm-api"},
+             {"alertname": "AicrmConfigSeriesAbsent", "severity": "ticket"},
+             {"alertname": "AicrmTargetDown", "severity": "ticket", "job": "aicrm-api",
+              "instance": "api:5000"},
+             _WATCHDOG],
+            {"AicrmStoreDiskFillingUp", "AicrmScrapeJobAbsent", "AicrmConfigSeriesAbsent"},
+        ),
     ],
     ids=["event-source-down", "task-db-down", "one-shard-down", "exporter-job-down",
-         "task-burn-page"],
+         "task-burn-page", "store-read-only"],
 )
 def test_alertmanager_inhibits_symptoms_of_the_same_cause_only(
     tmp_path: Path,
