@@ -236,6 +236,13 @@ def test_prometheus_configs_agree_with_compose(services: dict[str, Any]) -> None
     assert not any(fnmatch.fnmatch(rel, g) for g in vmalert_globs), (rel, vmalert_globs)
     assert not any(fnmatch.fnmatch(rel, g.removeprefix(PROMETHEUS_RULES_MOUNT + "/"))
                    for g in base["rule_files"]), "the default profile loads it too"
+    # Their ALERTS, and no other alert's, go on to VictoriaMetrics (tests/test_scale.py runs it).
+    watch = {r["alert"] for g in load(ROOT / "recording_rules" / rel)["groups"]
+             for r in g["rules"]}
+    (marked,) = [c["regex"] for c in scale["remote_write"][0]["write_relabel_configs"]
+                 if c.get("target_label") == "__tmp_scale_watch"]
+    names = re.fullmatch(r"ALERTS;\((.+)\)", marked)
+    assert names is not None and set(names.group(1).split("|")) == watch, marked
     (remote,) = scale["remote_write"]
     assert remote["url"] == f"http://victoriametrics:{PORTS['victoriametrics']}/api/v1/write"
     # Every target is a compose service on its DESIGN port (Prometheus scrapes itself).

@@ -452,6 +452,45 @@ def api_success_ratios(query_url: str) -> dict[str, float]:
 
 
 @pytest.mark.integration
+def test_remote_write_ships_only_the_scale_watch_alerts(
+    tmp_path: Path,
+    prometheus_factory: Callable[..., servers.PrometheusServer],
+    vm_factory: Callable[..., servers.VictoriaMetricsServer],
+) -> None:
+    """prometheus.scale.yml's remote write: the state of the alerts of recording_rules/scale/
+    (Prometheus their only ruler) reaches VictoriaMetrics, where Grafana reads; recorded series
+    and every other alert's state (vmalert's to write) do not, nor the marking label."""
+    watch = [r["alert"] for g in yaml.safe_load(
+        (RULES / "scale" / "ruler.alerts.yml").read_text(encoding="utf-8"))["groups"]
+        for r in g["rules"]]
+    rules = tmp_path / "fire.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "fire", "interval": "1s", "rules": [
+        {"record": "scale_test:vector:one", "expr": "vector(1)"},
+        *({"alert": name, "expr": "vector(1)"} for name in [*watch, "AicrmExporterDown"]),
+        {"alert": "AicrmStoreReadOnlyNot", "expr": "vector(1)", "for": "1h"},
+    ]}]}))
+    vm = vm_factory()
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "remote_write": [scale_remote_write(vm.url)], "scrape_configs": []}
+    prometheus = prometheus_factory(config, rule_files=[rules])
+
+    def shipped() -> set[str]:
+        vm.force_flush()
+        return {r["metric"]["alertname"] for r in vm.query("ALERTS")}
+
+    deadline = time.monotonic() + 30
+    while shipped() != set(watch) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert shipped() == set(watch)
+    # Prometheus holds them all (the pending one too): the remote write chose.
+    assert {r["metric"]["alertname"] for r in prometheus.query("ALERTS")} == {
+        *watch, "AicrmExporterDown", "AicrmStoreReadOnlyNot"}
+    assert not vm.query('{__name__=~"scale_test:vector:one|ALERTS_FOR_STATE"}')
+    assert all(set(r["metric"]) == {"__name__", "alertname", "alertstate"}
+               for r in vm.query("ALERTS")), vm.query("ALERTS")
+
+
+@pytest.mark.integration
 def test_two_exporter_shards_add_up_to_one(
     tmp_path: Path,
     start_exporter: Callable[[str, str], Exporter],

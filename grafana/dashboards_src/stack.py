@@ -26,16 +26,17 @@ EXPORTER = f'job="aicrm-exporter", {INSTANCE}'
 API = f'job="aicrm-api", {INSTANCE}'
 API_CLIENTS = f'{API}, endpoint!~"/metrics|/healthz|/readyz"'
 """The API's client requests: not Prometheus' scrapes of /metrics nor health probes."""
-SYSTEM_ALERTS = (Path(__file__).resolve().parents[2] / "recording_rules" / "alerts"
-                 / "system.alerts.yml")
-# Not recording_rules/scale/: only Prometheus evaluates it, in the scale profile, where Grafana
-# reads VictoriaMetrics and Prometheus' remote write leaves ALERTS out: no panel could show it.
+_RULES = Path(__file__).resolve().parents[2] / "recording_rules"
+# recording_rules/scale/: Prometheus' own alerts in the scale profile, whose ALERTS its remote
+# write passes on to VictoriaMetrics, where Grafana reads them.
+SYSTEM_ALERTS = (_RULES / "alerts" / "system.alerts.yml", _RULES / "scale" / "ruler.alerts.yml")
 
 
 def _stack_alerts() -> str:
-    """A matcher for the alerts of system.alerts.yml, read from the file so that a new one is
-    on the dashboard without a second list; the always-firing watchdog (severity none) aside."""
-    groups = yaml.safe_load(SYSTEM_ALERTS.read_text())["groups"]
+    """A matcher for the alerts of system.alerts.yml and the scale profile's watch, read from
+    the files so that a new one is on the dashboard without a second list; the always-firing
+    watchdog (severity none) aside."""
+    groups = [g for path in SYSTEM_ALERTS for g in yaml.safe_load(path.read_text())["groups"]]
     names = [r["alert"] for g in groups for r in g["rules"]
              if "alert" in r and r.get("labels", {}).get("severity") != "none"]
     return f'alertname=~"{"|".join(names)}"'
