@@ -60,10 +60,10 @@ def read_stat(proc: str, pid: int) -> Stat | None:
         return None
 
 
-def children_of(proc: str, parent: int) -> list[int]:
-    """Pids whose parent is ``parent``, by their stat files (the kernel's per-task ``children``
-    list is not built into every kernel)."""
-    found: list[int] = []
+def children_of(proc: str, parent: int) -> dict[int, Stat]:
+    """The processes whose parent is ``parent`` with their stat, found by reading every stat
+    file (the kernel's per-task ``children`` list is not built into every kernel)."""
+    found: dict[int, Stat] = {}
     try:
         names = os.listdir(proc)
     except OSError:
@@ -72,7 +72,7 @@ def children_of(proc: str, parent: int) -> list[int]:
         if name.isdigit():
             st = read_stat(proc, int(name))
             if st is not None and st.ppid == parent:
-                found.append(int(name))
+                found[int(name)] = st
     return found
 
 
@@ -108,26 +108,26 @@ class ServiceProcessCollector(Collector):
     def __init__(self, master: int, proc: str = "/proc") -> None:
         self.master = master
         self.proc = proc
+        self.btime = boot_time(proc)  # fixed while the machine runs
 
     def collect(self) -> Iterable[Metric]:
-        btime = boot_time(self.proc)
+        btime = self.btime
         if btime is None:
             return []
-        master = workers = None
-        pids: list[int] = []
+        master = None
+        children: dict[int, Stat] = {}
         for _ in range(_ATTEMPTS):
             before = read_stat(self.proc, self.master)
             if before is None:
                 return []
-            pids = children_of(self.proc, self.master)
-            stats = [s for s in (read_stat(self.proc, p) for p in pids) if s is not None]
+            children = children_of(self.proc, self.master)
             master = read_stat(self.proc, self.master)
             if master is None:
                 return []
-            workers = stats
             if master.children_cpu == before.children_cpu:
                 break
-        assert master is not None and workers is not None
+        assert master is not None
+        pids, workers = list(children), list(children.values())
         everyone = [master, *workers]
         cpu = master.own_cpu + master.children_cpu + sum(w.own_cpu for w in workers)
         out: list[Metric] = [

@@ -371,7 +371,7 @@ def _scrape_process_series(url: str) -> dict[str, float]:
 def _children(pid: int) -> list[int]:
     from api.process_metrics import children_of
 
-    return children_of("/proc", pid)
+    return list(children_of("/proc", pid))
 
 
 @pytest.mark.integration
