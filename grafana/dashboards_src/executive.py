@@ -233,7 +233,9 @@ def spend_forecast() -> timeseries.Panel:
     return c.timeseries_panel(
         "Daily spend: now and in 24 hours",
         "Spend per day at the current hourly rate, and where the last 6 hours' trend puts "
-        "it a day from now.",
+        "it a day from now. For 7 hours after spend begins (or resumes after an hour without "
+        "any) the trend holds the hourly rate's ramp from 0 and overshoots; the budget alert "
+        "waits those hours out.",
         c.USD,
         [
             c.query("global:aicrm_agent_cost_usd:rate1h * 86400", "per day now"),

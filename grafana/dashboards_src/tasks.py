@@ -150,7 +150,9 @@ def throughput_baseline() -> timeseries.Panel:
     return c.timeseries_panel(
         "Throughput against its weekly baseline",
         "Completed tasks per second (1h) with the past week's mean and the band of "
-        "anomaly_zscore_max standard deviations around it; outside the band for 30m alerts.",
+        "anomaly_zscore_max standard deviations around it; outside the band for 30m alerts, "
+        "unless within 2x of the same time yesterday or a week ago (a daily or weekly batch "
+        "at its usual hour).",
         c.OPS,
         [
             c.query(f"task_type:aicrm_tasks_completed:rate1h{{{TT}}}", "{{task_type}}"),

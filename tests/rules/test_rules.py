@@ -444,6 +444,8 @@ def _suppressed(am: servers.AlertmanagerServer) -> set[str]:
                 name += f"/{labels['agent']}/{labels['severity']}"
             elif "task_type" in labels and labels["alertname"].startswith("AicrmTask"):
                 name += f"/{labels['task_type']}/{labels['severity']}"
+            elif "source" in labels and labels["alertname"] != "AicrmSourceDown":
+                name += f"/{labels['source']}"
             names.add(name)
     return names
 
@@ -474,16 +476,17 @@ _OVERFLOW = {"alertname": "AicrmLabelOverflow", "severity": "ticket", "label": "
 @pytest.mark.parametrize(
     ("firing", "suppressed"),
     [
-        # An event source down (a ticket) holds back agent and integration warnings and
-        # tickets, never a page: the burn may come from events of a healthy source.
+        # An event source down (a ticket, possibly for days: a file source whose directory is
+        # missing) holds back its own lag and rejected-events warnings only. Nothing ties it to
+        # an agent, platform, model or tool, so the integration, agent, LLM, tool and spend
+        # alerts still go out, and another source's lag too.
         (
             [{"alertname": "AicrmSourceDown", "severity": "ticket", "source": "push"},
+             {"alertname": "AicrmSourceLagHigh", "severity": "warning", "source": "push"},
+             {"alertname": "AicrmSourceLagHigh", "severity": "warning", "source": "files"},
              _BURN_PAGE, _BURN_TICKET, _BELOW, _INTEGRATION, _TASK_WAIT, _LLM, _TOOL, _SPEND,
              _OVERFLOW, _WATCHDOG],
-            {"AicrmAgentErrorBudgetBurn/email-writer/ticket",
-             "AicrmAgentSuccessBelowObjective/email-writer/warning",
-             "AicrmIntegrationErrorRatioHigh", "AicrmLlmErrorRatioHigh",
-             "AicrmToolFailureRatioHigh", "AicrmSpendForecastOverBudget"},
+            {"AicrmSourceLagHigh/push"},
         ),
         # The task database down holds back task alerts only, and never the task burn page.
         (
@@ -562,6 +565,29 @@ def test_alertmanager_inhibits_symptoms_of_the_same_cause_only(
     eventually(lambda: _suppressed(am) == suppressed, 5, 0.1)
     time.sleep(1)
     assert _suppressed(am) == suppressed
+
+
+@pytest.mark.integration
+def test_pages_of_different_task_types_or_agents_notify_apart(
+    tmp_path: Path, alertmanager_factory: Callable[..., servers.AlertmanagerServer]
+) -> None:
+    """The page route groups by agent and task_type: the completion burn of two task types
+    (or the success burn of two agents) are two notifications, not one folded together."""
+    am = alertmanager_factory(_shipped_config(tmp_path, "http://127.0.0.1:9/alerts"))
+    firing = [_TASK_BURN_PAGE, {**_TASK_BURN_PAGE, "task_type": "write_email"},
+              _BURN_PAGE, {**_BURN_PAGE, "agent": "email-writer", "team": "marketing"}]
+    _http("POST", am.url + "/api/v2/alerts",
+          [{"labels": labels, "annotations": _ANNOTATIONS} for labels in firing])
+
+    def page_groups() -> list[list[str]]:
+        return sorted(
+            sorted(a["labels"].get("task_type") or a["labels"]["agent"] for a in g["alerts"])
+            for g in am.get_json("/api/v2/alerts/groups")
+            if g["receiver"]["name"] == "page"
+        )
+
+    expected = [["email-writer"], ["lead-qualifier"], ["qualify_lead"], ["write_email"]]
+    assert eventually(lambda: page_groups() == expected, 10, 0.1), page_groups()
 
 
 # --- Links in a second ruler ----------------------------------------------------------------
