@@ -7,6 +7,7 @@ of ``aicrm_source_rejected_events_total``) and a human-readable ``detail`` namin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,10 @@ MAX_COST_USD = 1_000_000.0
 """For one LLM call."""
 MAX_COUNT = 1_000_000_000
 """Tokens of one call, retries of one task."""
+MAX_TS_AHEAD_SECONDS = 86_400.0
+"""How far ahead of the exporter's clock an event's ``ts`` may be (writers' clocks drift): one
+further ahead is no real time (epoch milliseconds sent where seconds belong, for one) and is
+rejected as out_of_range, rather than reading as lag 0 for ever after."""
 DurationMs = Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)]
 CostUsd = Annotated[float, Meta(ge=0, le=MAX_COST_USD)]
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
@@ -112,7 +117,8 @@ _decoder = msgspec.json.Decoder(Event)
 _encoder = msgspec.json.Encoder()
 
 decode_event = _decoder.decode
-"""The hot path's decoder: raises on a bad line (then ``decode_line`` says why)."""
+"""The hot path's decoder: raises on a bad line (then ``decode_line`` says why). It does not
+check ``ts_ahead``: its caller does."""
 
 
 def _classify(message: str) -> str:
@@ -142,13 +148,26 @@ def utf8_error(line: bytes) -> Rejected | None:
     return None
 
 
-def decode_line(line: bytes) -> Event | Rejected:
-    """Decode one event line (without its newline). Never raises on bad input."""
+def ts_ahead(event: Event, now: float) -> Rejected | None:
+    """The rejection of an event whose ``ts`` is more than MAX_TS_AHEAD_SECONDS after ``now``."""
+    ts = event.epoch()
+    if ts is None or not ts > now + MAX_TS_AHEAD_SECONDS:
+        return None
+    hint = " (epoch milliseconds? ts is in seconds)" if ts > now * 100 else ""
+    return Rejected("out_of_range",
+                    f"`$.ts` {ts:.0f} is more than {MAX_TS_AHEAD_SECONDS / 3600:.0f} h ahead of "
+                    f"the exporter's clock{hint}")
+
+
+def decode_line(line: bytes, now: float | None = None) -> Event | Rejected:
+    """Decode one event line (without its newline). Never raises on bad input. ``now``: the
+    clock a ``ts`` may not be far ahead of (default: the wall clock)."""
     bad = utf8_error(line)
     if bad is not None:
         return bad
     try:
-        return _decoder.decode(line)
+        ev: Event = _decoder.decode(line)
+        return ts_ahead(ev, time.time() if now is None else now) or ev
     except msgspec.ValidationError as exc:
         msg = str(exc)
         return Rejected(_classify(msg), msg)

@@ -137,14 +137,15 @@ class MetricStore(Collector):
         self.version += 1
 
     def accepted(self, source: str, n: int = 1, newest_ts: float | None = None) -> None:
-        """``n`` events from ``source`` were applied; ``newest_ts`` is the newest event time."""
+        """``n`` events from ``source`` were applied; ``newest_ts`` is the newest event time,
+        None if one of them had none (its time is its ingestion: lag 0)."""
         now = self.clock()
         with self.lock:
             self._cinc(c.SOURCE_EVENTS, (source,), n)
             if n:
                 self._source_last[source] = now
-            if newest_ts is not None:
-                self._source_lag[source] = max(0.0, now - newest_ts)
+                self._source_lag[source] = (0.0 if newest_ts is None
+                                            else max(0.0, now - newest_ts))
             self.version += 1
 
     def reject(self, source: str, reason: str, n: int = 1) -> None:

@@ -110,3 +110,21 @@ def test_bad_lines_are_rejected_with_reason(line: bytes, reason: str, detail: st
     assert isinstance(rej, Rejected)
     assert rej.reason == reason
     assert detail in rej.detail
+
+
+
+def test_ts_far_ahead_of_the_clock_is_out_of_range() -> None:
+    now = 1_764_000_000.0
+    ms = b'{"event":"handoff","from_agent":"a","to_agent":"b","ts":1764000000000}'
+    rej = decode_line(ms, now=now)
+    assert isinstance(rej, Rejected) and rej.reason == "out_of_range"
+    assert "`$.ts`" in rej.detail and "milliseconds" in rej.detail
+    rej = decode_line(b'{"event":"handoff","from_agent":"a","to_agent":"b",'
+                      b'"ts":"2025-11-27T00:00:00Z"}', now=now)
+    assert isinstance(rej, Rejected) and rej.reason == "out_of_range" and "`$.ts`" in rej.detail
+    # A writer's clock a little ahead is no error.
+    ok = decode_line(b'{"event":"handoff","from_agent":"a","to_agent":"b","ts":1764080000}',
+                     now=now)
+    assert isinstance(ok, Handoff)
+    # The push source validates with decode_line and the wall clock.
+    assert isinstance(decode_line(ms), Rejected)

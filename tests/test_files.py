@@ -6,7 +6,12 @@ import errno
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,19 +69,24 @@ class Clock:
 
 class Harness:
     def __init__(self, pattern: str, clock: Clock, max_line_bytes: int = MAX_LINE,
-                 source: str = SOURCE):
+                 source: str = SOURCE, max_open_files: int | None = None):
         self.pattern = pattern
         self.clock = clock
         self.max_line_bytes = max_line_bytes
         self.source = source
+        self.max_open_files = max_open_files
         self.store = MetricStore(parse_config(CONFIG))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.store)
         self.tailer = self.new_tailer()
 
     def new_tailer(self) -> FileTailer:
+        if self.max_open_files is None:
+            return FileTailer([Watch(self.source, self.pattern)], self.store,
+                              max_line_bytes=self.max_line_bytes, clock=self.clock)
         return FileTailer([Watch(self.source, self.pattern)], self.store,
-                          max_line_bytes=self.max_line_bytes, clock=self.clock)
+                          max_line_bytes=self.max_line_bytes, clock=self.clock,
+                          max_open_files=self.max_open_files)
 
     def poll(self) -> int:
         return self.tailer.poll()
@@ -466,6 +476,11 @@ BAD_LINES = [
     (b'{"event": "handoff", "from_agent": "", "to_agent": "writer"}', "out_of_range"),
     (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
      b'"outcome": "success", "pad": "' + b"x" * MAX_LINE + b'"}', "line_too_long"),
+    # Epoch milliseconds where seconds belong, and a date far ahead: no real event time.
+    (b'{"event": "task_result", "agent": "qualifier", "task_type": "qualify_lead", '
+     b'"outcome": "success", "ts": 1700000000000}', "out_of_range"),
+    (b'{"event": "handoff", "from_agent": "qualifier", "to_agent": "writer", '
+     b'"ts": "2999-01-01T00:00:00Z"}', "out_of_range"),
 ]
 
 
@@ -712,3 +727,248 @@ def test_unfinished_line_of_a_rotated_file_is_rejected_when_let_go(logs: Path,
     assert h.accepted() == 1
     assert h.tailer.files == {}
     h.tailer.close()
+
+
+# --- files that come back, event time, open handles, copies, error logs ---------------------
+
+
+def test_directory_moved_away_and_back_is_not_read_again(
+    logs: Path, tmp_path: Path, clock: Clock
+) -> None:
+    """A tracked file that is away from the glob for longer than the grace period (its
+    directory renamed away and back, a share that was unreachable) is let go, but its
+    position is kept: when the same file comes back it reads on, not from its start."""
+    h = Harness(str(logs / "*.jsonl"), clock)
+    try:
+        append(logs / "app.jsonl", lines(100))
+        h.poll()
+        away = tmp_path / "logs.away"
+        os.rename(logs, away)
+        append(away / "app.jsonl", lines(1))  # a late write, drained while it is still held
+        for _ in range(3):
+            clock.now += 3
+            h.poll()
+        assert h.tailer.files == {}
+        assert [p["path"].rsplit("/", 1)[1] for p in h.tailer.positions()] == ["app.jsonl"]
+        append(away / "app.jsonl", lines(2))  # written while it is away
+        os.rename(away, logs)
+        h.poll()
+        assert (h.results(), h.accepted()) == (103, 103)
+        append(logs / "app.jsonl", lines(1))
+        h.poll()
+        assert (h.results(), h.accepted()) == (104, 104)
+    finally:
+        h.tailer.close()
+
+
+def test_listing_that_fails_for_a_while_does_not_recount(
+    h: Harness, logs: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glob returns [] when it cannot list the directory (a network share's hiccup)."""
+    append(logs / "app.jsonl", lines(5))
+    h.poll()
+    with monkeypatch.context() as m:
+        m.setattr(files.glob, "glob", lambda pattern: [])
+        for _ in range(4):
+            clock.now += 2
+            h.poll()
+    h.poll()
+    assert h.results() == 5
+
+
+def test_lag_follows_the_newest_event_and_ts_less_events_are_lag_0(
+    logs: Path, clock: Clock
+) -> None:
+    clock.now = time.time()  # the store's clock is the wall clock
+    h = Harness(str(logs / "*.jsonl"), clock)
+    log = logs / "app.jsonl"
+
+    def lag() -> float:
+        return h.value(c.SOURCE_LAG.name, source=SOURCE)
+
+    try:
+        append(log, lines(1, ts=time.time() - 3600))
+        h.poll()
+        assert 3599 < lag() < 3700
+        append(log, lines(5))  # no ts: ingested now
+        h.poll()
+        assert lag() == 0
+        append(log, lines(1, ts=time.time() - 3600))
+        h.poll()
+        assert lag() > 3599
+        # The newest of the batch counts, not the last one.
+        append(log, lines(1, ts=time.time() - 10) + lines(1, ts=time.time() - 1800))
+        h.poll()
+        assert 9 < lag() < 100
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+        append(log, lines(1, ts=time.time() - 3600) + lines(1, ts=stamp))
+        h.poll()
+        assert 59 < lag() < 150
+        append(log, lines(1, ts=time.time() - 3600) + lines(1))
+        h.poll()
+        assert lag() == 0
+        assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+    finally:
+        h.tailer.close()
+
+
+def test_ts_in_milliseconds_is_rejected_not_read_as_lag_0(
+    logs: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock.now = time.time()
+    h = Harness(str(logs / "*.jsonl"), clock)
+    log = logs / "app.jsonl"
+    try:
+        append(log, lines(1, ts=time.time() - 3600))
+        h.poll()
+        with caplog.at_level(logging.WARNING, logger=files.__name__):
+            append(log, lines(1, ts=time.time() * 1000) + lines(1, ts=time.time() + 3600))
+            h.poll()
+        assert (h.accepted(), h.rejected("out_of_range")) == (2, 1)  # an hour ahead: a drift
+        assert any(f"{log}:2: out_of_range: `$.ts`" in r.getMessage() and "milliseconds"
+                   in r.getMessage() for r in caplog.records)
+    finally:
+        h.tailer.close()
+
+
+def test_open_files_are_capped_and_closed_files_read_on(logs: Path, clock: Clock) -> None:
+    """Files kept for weeks (dated, hourly) must not exhaust the descriptors: past
+    max_open_files the least recently grown are closed, and opened again when they grow."""
+    h = Harness(str(logs / "*.jsonl*"), clock, max_open_files=4)
+    try:
+        names = [logs / f"events-{i:02d}.jsonl" for i in range(20)]
+        for p in names:
+            append(p, lines(1))
+        h.poll()
+        assert h.accepted() == 20 and h.up() == 1
+        assert sum(t.fh is not None for t in h.tailer.files.values()) <= 4
+        for p in names[:10]:  # closed ones grow
+            append(p, lines(1) + event()[:10])
+        h.poll()
+        h.poll()
+        assert h.accepted() == 30
+        assert sum(t.fh is not None for t in h.tailer.files.values()) <= 4
+        for p in names[:10]:  # the half-written lines are finished
+            append(p, event()[10:] + b"\n")
+        h.poll()
+        assert h.accepted() == 40
+        # A closed file truncated and rewritten: found by its fingerprint when reopened.
+        (t0,) = [t for t in h.tailer.files.values() if t.path == str(names[19])]
+        assert t0.fh is None
+        os.truncate(names[19], 0)
+        append(names[19], lines(3, agent="writer"))
+        # A closed file renamed within the glob is still the same file.
+        (t1,) = [t for t in h.tailer.files.values() if t.path == str(names[18])]
+        assert t1.fh is None
+        os.rename(names[18], logs / "events-18.jsonl.1")
+        append(logs / "events-18.jsonl.1", lines(1))
+        h.poll()
+        h.poll()
+        assert (h.results(), h.results("writer")) == (41, 3)
+        assert sum(t.fh is not None for t in h.tailer.files.values()) <= 4
+        assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+    finally:
+        h.tailer.close()
+
+
+def test_many_files_under_a_low_descriptor_limit_are_all_read(tmp_path: Path) -> None:
+    """300 files with RLIMIT_NOFILE at 256 (in a child process): every one is read."""
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        from pathlib import Path
+        sys.path[:0] = [{str(Path(__file__).parent.parent)!r}, {str(Path(__file__).parent)!r}]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        from test_files import Harness, Clock, lines
+        d = Path({str(tmp_path)!r})
+        h = Harness(str(d / "*.jsonl"), Clock())
+        for i in range(300):
+            (d / f"events-{{i:04d}}.jsonl").write_bytes(lines(1))
+        h.poll()
+        for i in range(0, 300, 7):
+            with open(d / f"events-{{i:04d}}.jsonl", "ab") as fh:
+                fh.write(lines(1))
+        h.poll()
+        print(json.dumps([h.accepted(), h.up()]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == [300 + 43, 1]
+
+
+def test_copytruncate_with_the_copy_in_the_glob_counts_once(logs: Path, clock: Clock) -> None:
+    h = Harness(str(logs / "app.jsonl*"), clock)
+    log = logs / "app.jsonl"
+    try:
+        append(log, lines(100))
+        h.poll()
+        append(log, lines(2))  # written after the last read: in the copy only
+        shutil.copyfile(log, logs / "app.jsonl.1")
+        os.truncate(log, 0)
+        h.poll()
+        append(log, lines(3, agent="writer"))
+        h.poll()
+        h.poll()
+        assert (h.results(), h.results("writer"), h.accepted()) == (102, 3, 105)
+    finally:
+        h.tailer.close()
+
+
+def test_copytruncate_seen_before_the_truncation_counts_once(
+    logs: Path, clock: Clock
+) -> None:
+    """A poll between the copy (even a partial one) and the truncation waits for it."""
+    h = Harness(str(logs / "app.jsonl*"), clock)
+    log = logs / "app.jsonl"
+    try:
+        append(log, lines(50))
+        h.poll()
+        data = log.read_bytes()
+        (logs / "app.jsonl.1").write_bytes(data[: len(data) // 2])  # the copy under way
+        h.poll()
+        clock.now += 1
+        (logs / "app.jsonl.1").write_bytes(data)
+        h.poll()
+        os.truncate(log, 0)
+        clock.now += 1
+        h.poll()
+        h.poll()
+        assert h.accepted() == 50
+    finally:
+        h.tailer.close()
+
+
+def test_new_file_that_starts_like_a_tracked_one_is_still_read(
+    logs: Path, clock: Clock
+) -> None:
+    """Same first bytes, but the tracked file was never truncated: a file of its own, read
+    once the grace period for a copytruncate in progress is over."""
+    h = Harness(str(logs / "*.jsonl"), clock)
+    try:
+        same = lines(1, task_id="same")
+        append(logs / "a.jsonl", same + lines(2))
+        h.poll()
+        append(logs / "b.jsonl", same + lines(4))
+        h.poll()
+        clock.now += files.ROTATED_GRACE_SECONDS + 1
+        h.poll()
+        assert h.accepted() == 3 + 5
+    finally:
+        h.tailer.close()
+
+
+def test_errors_about_an_unreadable_path_are_not_logged_at_every_poll(
+    h: Harness, logs: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.symlink(logs / "loop.jsonl", logs / "loop.jsonl")  # ELOOP at every stat
+    with caplog.at_level(logging.WARNING, logger=files.__name__):
+        for _ in range(40):  # 10 s at poll_seconds 0.25
+            h.poll()
+        assert len(caplog.records) == 1
+        assert "loop.jsonl" in caplog.records[0].getMessage()
+        later = time.monotonic() + files.ERROR_LOG_INTERVAL + 1
+        monkeypatch.setattr(h.tailer._error_log, "clock", lambda: later)
+        h.poll()
+    assert len(caplog.records) == 2
+    assert "39 more times" in caplog.records[1].getMessage()
+    assert h.up() == 0

@@ -8,6 +8,12 @@ and the new file at the old name starts at offset 0. A file's identity is taken 
 handle that was opened, not from the name it was found under, which a rotation may have given
 to another file in between. A file that shrinks was truncated and is read again from the
 start. Only complete lines are consumed; a half-written last line waits for its newline.
+A file that leaves the glob for good is let go with its position saved, so one that comes
+back (a directory moved away and back, a share that was unreachable) reads on where it was.
+At most ``max_open_files`` files are kept open: the least recently grown are closed and
+opened again when a stat shows their size changed (their fingerprint is checked again then).
+A file that appears as a copy of one that was just truncated (copytruncate with a glob that
+matches the copies) reads on from the truncated file's position.
 Positions, and which files are tracked, are read and changed only under the store's lock, so
 a state snapshot always pairs counters with the positions they came from.
 """
@@ -18,34 +24,52 @@ import glob
 import hashlib
 import logging
 import os
+import resource
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
-from ..events import Event, Rejected, decode_event, decode_line, utf8_error
+from ..events import (
+    MAX_TS_AHEAD_SECONDS,
+    Event,
+    Rejected,
+    decode_event,
+    decode_line,
+    ts_ahead,
+    utf8_error,
+)
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES = 256
+TAIL_BYTES = 256
+"""The last bytes read from a file are hashed too: a copy of it must hold the same bytes there."""
 READ_CHUNK = 1024 * 1024
 ROTATED_GRACE_SECONDS = 5.0
+"""How long a file that left the glob (renamed or deleted) is still watched for late writes;
+also how long a new file that starts like a tracked one that was not truncated (yet) waits
+for that truncation (a copytruncate in progress) before it is read as a file of its own."""
 FORGET_UNSEEN_SECONDS = 30 * 86400.0
 """A saved read position whose file no run has found for this long is dropped from the state:
 a file renamed out of the glob while the exporter was stopped is never found again. Long, so
 a share that is away for days and comes back is still read from where it was left."""
-"""How long a file that left the glob (renamed or deleted) is still watched for late writes."""
+ERROR_LOG_INTERVAL = 60.0
+"""An error about one path (cannot stat, open or read it) is logged when it first happens, then
+at most once per this many seconds, with the number of repeats not shown."""
 
 
 class Sink(Protocol):
     lock: threading.RLock
 
     def apply(self, event: Event) -> None: ...
-    def accepted(self, source: str, n: int = 1, newest_ts: float | None = None) -> None: ...
+    def accepted(self, source: str, n: int = 1, newest_ts: float | None = None) -> None:
+        """``newest_ts``: the newest event time; None when an event had none (lag 0)."""
     def reject(self, source: str, reason: str, n: int = 1) -> None: ...
     def source_status(self, source: str, up: bool) -> None: ...
     def add_source(self, source: str) -> None: ...
@@ -87,8 +111,14 @@ class Tracked:
     skipping: bool = False
     """Inside an over-long line: discard up to the next newline."""
     fh: BinaryIO | None = None
+    """None while closed (``max_open_files``): opened again when its size changes."""
     gone_since: float | None = None
     drained: bool = field(default=False)
+    seen_size: int = -1
+    """The size as of the last read (-1: never read)."""
+    tail_fp: str = ""
+    tail_len: int = 0
+    """Fingerprint of the ``tail_len`` bytes before ``offset`` (0: unknown)."""
 
     @property
     def key(self) -> str:
@@ -115,6 +145,25 @@ def _size(t: Tracked, fh: BinaryIO, readable: Readable | None) -> int:
         if end is not None and end < size:
             return end
     return size
+
+
+_DT_MIN = datetime.min.replace(tzinfo=UTC)
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def default_max_open_files() -> int:
+    """A quarter of the process's descriptor limit (the rest is for sockets, the journal, the
+    state file, the database), from 8 to 1024."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 1024
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1024
+    return max(8, min(1024, soft // 4))
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -147,6 +196,35 @@ class RejectLog:
             self.suppressed += 1
 
 
+class ErrorLog:
+    """Logs an error about one path when it first happens, then at most once per ``interval``
+    with the number of repeats not shown: a path that stays broken (a symlink loop, a file
+    without read permission) does not log at every poll."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, tuple[float, int]] = {}
+        """key -> (when last logged, repeats not logged since)."""
+
+    def __call__(self, key: str, msg: str, *args: object) -> None:
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        if last is None and len(self._last) >= self.MAX_KEYS:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if last is not None and last[1]:
+            log.error(msg + " (%d more times in the last %.0f s)", *args, last[1],
+                      now - last[0])
+        else:
+            log.error(msg, *args)
+
+
 class FileTailer:
     """Reads new complete lines from every watched file and hands them to the sink."""
 
@@ -157,14 +235,21 @@ class FileTailer:
         *,
         max_line_bytes: int = 1024 * 1024,
         clock: Callable[[], float] = time.time,
+        max_open_files: int | None = None,
     ):
         self.watches = list(watches)
         self.sink = sink
         self.max_line_bytes = max_line_bytes
         self.clock = clock
+        self.max_open_files = max(1, max_open_files or default_max_open_files())
         self.files: dict[str, Tracked] = {}
         self._saved: dict[str, dict[str, Any]] = {}
+        self._open_files: dict[str, Tracked] = {}
+        """Tracked files with an open handle, least recently grown first."""
+        self._waiting: dict[str, float] = {}
+        """New files that start like a tracked file that was not truncated (yet): since when."""
         self._reject_log = RejectLog()
+        self._error_log = ErrorLog()
         self._markers = {w.source: (w.marker, w.marker_rejects)
                          for w in self.watches if w.marker}
         for w in self.watches:
@@ -204,20 +289,28 @@ class FileTailer:
         for w in self.watches:
             seen = self._discover(w)
             for t in [t for t in self.files.values() if t.source == w.source]:
-                if t.key not in seen and t.gone_since is None:
+                st = seen.get(t.key)
+                if st is None and t.gone_since is None:
                     t.gone_since = self.clock()
-                total += self._read(t, w.readable)
+                if t.fh is not None or self._reopen(t, st):
+                    total += self._read(t, w.readable)
+                    self._limit_open()
                 if t.gone_since is not None and self.clock() - t.gone_since > ROTATED_GRACE_SECONDS:
                     self._forget(t, w.readable)
+        if self._waiting:
+            horizon = self.clock() - 2 * ROTATED_GRACE_SECONDS
+            self._waiting = {k: v for k, v in self._waiting.items() if v > horizon}
         return total
 
-    def _discover(self, w: Watch) -> set[str]:
-        seen: set[str] = set()
+    def _discover(self, w: Watch) -> dict[str, os.stat_result]:
+        """The tracked files found by the glob (opening new ones), by key, with their stat."""
+        seen: dict[str, os.stat_result] = {}
         try:
             paths = sorted(glob.glob(w.pattern))
             up = os.path.isdir(os.path.dirname(w.pattern) or ".") or bool(paths)
         except OSError as exc:
-            log.error("source %s: cannot list %s: %s", w.source, w.pattern, exc)
+            self._error_log(f"list:{w.pattern}", "source %s: cannot list %s: %s",
+                            w.source, w.pattern, exc)
             self.sink.source_status(w.source, False)
             return seen
         for path in paths:
@@ -226,7 +319,8 @@ class FileTailer:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                log.error("source %s: cannot stat %s: %s", w.source, path, exc)
+                self._error_log(f"stat:{path}", "source %s: cannot stat %s: %s",
+                                w.source, path, exc)
                 up = False
                 continue
             if not stat.S_ISREG(st.st_mode):
@@ -234,24 +328,82 @@ class FileTailer:
             t = self.files.get(f"{st.st_dev}:{st.st_ino}")
             if t is None:
                 try:
-                    t = self._open(w.source, path)
+                    t = self._open(w.source, path, copies=w.readable is None)
                 except FileNotFoundError:
                     continue  # rotated away since the stat: found under its new name
                 except OSError as exc:
-                    log.error("source %s: cannot open %s: %s", w.source, path, exc)
+                    self._error_log(f"open:{path}", "source %s: cannot open %s: %s",
+                                    w.source, path, exc)
                     up = False
                     continue
                 if t is None:
                     continue
-            seen.add(t.key)
+                self._limit_open()
+            seen[t.key] = st
             t.path = path
             t.gone_since = None
         self.sink.source_status(w.source, up)
         return seen
 
-    def _open(self, source: str, path: str) -> Tracked | None:
+    # --- open handles --------------------------------------------------------------------
+
+    def _touch(self, t: Tracked) -> None:
+        """``t`` was opened or grew: the last to be closed."""
+        self._open_files.pop(t.key, None)
+        self._open_files[t.key] = t
+
+    def _limit_open(self) -> None:
+        """Close the least recently grown files past ``max_open_files``; never one that left
+        the glob (it is drained through its handle until it is let go)."""
+        excess = len(self._open_files) - self.max_open_files
+        if excess <= 0:
+            return
+        for t in list(self._open_files.values()):
+            if excess <= 0:
+                break
+            if t.gone_since is None:
+                self._close(t)
+                excess -= 1
+
+    def _close(self, t: Tracked) -> None:
+        self._open_files.pop(t.key, None)
+        if t.fh is not None:
+            fh, t.fh = t.fh, None
+            fh.close()
+
+    def _reopen(self, t: Tracked, st: os.stat_result | None) -> bool:
+        """Open a closed file again if the glob found it with another size than it had at its
+        last read. The handle is checked to be that file (a rotation since the stat may have
+        put another one at the name: found then at the next pass); its fingerprint is checked
+        again by the read, as for an open file."""
+        if st is None or st.st_size == t.seen_size:
+            return False
+        try:
+            fh = open(t.path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            self._error_log(f"open:{t.path}", "source %s: cannot open %s: %s",
+                            t.source, t.path, exc)
+            self.sink.source_status(t.source, False)
+            return False
+        try:
+            fst = os.fstat(fh.fileno())
+        except OSError:
+            fh.close()
+            return False
+        if f"{fst.st_dev}:{fst.st_ino}" != t.key:
+            fh.close()
+            return False
+        t.fh = fh
+        self._touch(t)
+        return True
+
+    def _open(self, source: str, path: str, copies: bool = True) -> Tracked | None:
         """Track the file opened at ``path`` (or the one already tracked if a rotation since
-        the stat put that one there); None if it is no regular file now."""
+        the stat put that one there); None if it is no regular file now, or if it may be a
+        copy under way (``copies``: look for copies; not in the push journal, whose segments
+        are never copied and may well start with the same batch)."""
         # Kept open to follow the file across renames. Unbuffered: a buffer could hold bytes
         # read past the readable end that a writer has since cut back and rewritten.
         fh = open(path, "rb", buffering=0)  # noqa: SIM115
@@ -262,18 +414,97 @@ class FileTailer:
                 fh.close()
                 return known
             t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
+            copied: Tracked | None = None
+            if copies and t.key not in self._saved:
+                found = self._copy_of(t, st.st_size)
+                if found is None:  # starts like a tracked file that was not truncated yet
+                    fh.close()
+                    return None
+                if isinstance(found, Tracked):
+                    copied = found
             # The saved position is handed over to the tracked file in one step under the
             # lock: a snapshot has it in one place or the other.
             with self.sink.lock:
                 saved = self._saved.get(t.key)
                 if saved is not None:
                     self._resume(t, saved)
+                elif copied is not None:
+                    log.info("%s: a copy of %s (copytruncate?); reading on from its offset %d",
+                             path, copied.path, copied.offset)
+                    t.offset, t.line, t.skipping = copied.offset, copied.line, copied.skipping
+                    t.fingerprint, t.fp_len = copied.fingerprint, copied.fp_len
                 self._saved.pop(t.key, None)
                 self.files[t.key] = t
         except BaseException:
             fh.close()
             raise
+        self._waiting.pop(t.key, None)
+        self._touch(t)
         return t
+
+    def _copy_of(self, t: Tracked, size: int) -> Tracked | bool | None:
+        """The tracked file that the new file ``t`` is a copy of (copytruncate, the copy in
+        the glob): one that was truncated since it was last read, whose fingerprint and last
+        bytes read the new file holds at the same places. True: ``t`` is a file of its own.
+        None: ``t`` starts like a tracked file that was not truncated: wait (a copytruncate
+        in progress) for up to ROTATED_GRACE_SECONDS before reading it as a file of its own."""
+        assert t.fh is not None
+        heads: dict[int, str] = {}
+        wait = False
+        for o in list(self.files.values()):
+            if not o.offset or not o.fp_len or size < o.fp_len:
+                continue
+            head = heads.get(o.fp_len)
+            if head is None:
+                head = heads[o.fp_len] = _fingerprint(t.fh, o.fp_len)
+            if head != o.fingerprint:
+                continue
+            if not self._truncated(o):
+                wait = wait or self._prefix_of(t, size, o)
+                continue
+            if size < o.offset:
+                continue
+            if o.tail_len:
+                t.fh.seek(o.offset - o.tail_len)
+                if _hash(t.fh.read(o.tail_len)) != o.tail_fp:
+                    continue
+            return o
+        if wait:
+            since = self._waiting.setdefault(t.key, self.clock())
+            if self.clock() - since <= ROTATED_GRACE_SECONDS:
+                return None
+            log.info("%s starts like a file already read; reading it as a file of its own",
+                     t.path)
+        return True
+
+    @staticmethod
+    def _prefix_of(t: Tracked, size: int, o: Tracked) -> bool:
+        """Whether the new file ``t`` (``size`` bytes) ends with the bytes ``o`` holds at the
+        same place, ``o`` being no shorter: a copy of ``o`` under way, or done."""
+        assert t.fh is not None
+        if o.fh is None:
+            return False
+        try:
+            if os.fstat(o.fh.fileno()).st_size < size:
+                return False
+            start = max(0, size - TAIL_BYTES)
+            t.fh.seek(start)
+            o.fh.seek(start)
+            return t.fh.read(size - start) == o.fh.read(size - start)
+        except OSError:
+            return False
+
+    @staticmethod
+    def _truncated(t: Tracked) -> bool:
+        """Whether ``t`` was cut back below its read position, or rewritten from its start."""
+        try:
+            if t.fh is None:
+                st = os.stat(t.path)
+                return f"{st.st_dev}:{st.st_ino}" == t.key and st.st_size < t.offset
+            size = os.fstat(t.fh.fileno()).st_size
+            return size < t.offset or _fingerprint(t.fh, t.fp_len) != t.fingerprint
+        except OSError:
+            return False
 
     @staticmethod
     def _resume(t: Tracked, saved: dict[str, Any]) -> None:
@@ -293,28 +524,35 @@ class FileTailer:
         t.skipping = bool(saved.get("skipping", False))
 
     def _forget(self, t: Tracked, readable: Readable | None = None) -> None:
-        """Let go of a file that left the glob; an unfinished last line will never be."""
-        pending = 0
+        """Let go of a file that left the glob; an unfinished last line will never be. Unless
+        it was deleted, its position is kept as a saved one (for FORGET_UNSEEN_SECONDS): a file
+        that comes back (its directory moved away and back, a share that was unreachable) is
+        read on from there, not counted again from its start."""
+        pending, deleted = 0, False
         if t.fh is not None:
             try:
+                deleted = os.fstat(t.fh.fileno()).st_nlink == 0
                 pending = _size(t, t.fh, readable) - t.offset
             except OSError:
                 pending = 0
+        elif t.seen_size > t.offset:
+            pending = t.seen_size - t.offset  # closed after its last read: a partial line
         with self.sink.lock:
             if pending > 0 and not t.skipping:
                 self._reject(t, t.line + 1, Rejected(
                     "invalid_json", f"unfinished last line ({pending} bytes) in a file "
                     "that was rotated away or deleted"))
                 t.offset += pending
+                t.skipping = True  # should it come back finished: the rest is skipped
             del self.files[t.key]
-        if t.fh is not None:
-            t.fh.close()
+            if not deleted:
+                self._saved[t.key] = {**t.position(), "unseen_since": self.clock()}
+        self._close(t)
 
     def close(self) -> None:
         for t in self.files.values():
-            if t.fh is not None:
-                t.fh.close()
-                t.fh = None
+            self._close(t)
+        self._open_files.clear()
 
     def _read(self, t: Tracked, readable: Readable | None = None) -> int:
         fh = t.fh
@@ -322,15 +560,19 @@ class FileTailer:
         try:
             size = _size(t, fh, readable)
         except OSError as exc:
-            log.error("%s: %s", t.path, exc)
+            self._error_log(f"read:{t.path}", "%s: %s", t.path, exc)
             return 0
+        if size != t.seen_size:
+            self._touch(t)
         try:
-            return self._read_locked(t, fh, size)
+            n = self._read_locked(t, fh, size)
         except OSError as exc:
             # Positions only move past applied lines, so the next pass resumes cleanly.
-            log.error("%s: %s", t.path, exc)
+            self._error_log(f"read:{t.path}", "%s: %s", t.path, exc)
             self.sink.source_status(t.source, False)
             return 0
+        t.seen_size = size
+        return n
 
     def _read_locked(self, t: Tracked, fh: BinaryIO, size: int) -> int:
         """Read up to ``size``; the sink's lock is taken per chunk, so a scrape waits for at
@@ -344,6 +586,7 @@ class FileTailer:
                 log.warning("%s: truncated (size %d, offset %d); reading from the start",
                             t.path, size, t.offset)
                 t.offset, t.line, t.skipping, t.fp_len, t.fingerprint = 0, 0, False, 0, ""
+                t.tail_len = 0
             if t.fp_len < FINGERPRINT_BYTES and size > t.fp_len:
                 t.fp_len = min(size, FINGERPRINT_BYTES)
                 t.fingerprint = _fingerprint(fh, t.fp_len)
@@ -363,10 +606,13 @@ class FileTailer:
                                 "line_too_long", f"line longer than {self.max_line_bytes} bytes"))
                         t.skipping = True
                         t.offset += len(chunk)
+                        t.tail_len = 0
                         continue
                     break
                 consumed += self._lines(t, chunk[: end + 1])
                 t.offset += end + 1
+                tail = chunk[max(0, end + 1 - TAIL_BYTES): end + 1]
+                t.tail_fp, t.tail_len = _hash(tail), len(tail)
         return consumed
 
     def _lines(self, t: Tracked, data: bytes) -> int:
@@ -374,7 +620,14 @@ class FileTailer:
         sink, source = self.sink, t.source
         apply = sink.apply
         ok = 0
-        last: Event | None = None
+        # The newest event time: a ts-less event's is its ingestion (lag 0). A ts far ahead of
+        # the clock is no time (epoch milliseconds?) and rejects its line.
+        now = self.clock()
+        limit = now + MAX_TS_AHEAD_SECONDS
+        limit_dt = datetime.fromtimestamp(limit, UTC)
+        newest = float("-inf")
+        newest_dt = _DT_MIN
+        untimed = False
         lines = data.split(b"\n")
         lines.pop()  # empty after the final newline
         first_line = t.line + 1
@@ -407,12 +660,30 @@ class FileTailer:
                 assert isinstance(rej, Rejected)
                 self._reject(t, first_line + i, rej)
                 continue
+            # Only a ts newer than every one before can be past the limit.
+            ts = ev.ts
+            if ts is None:
+                untimed = True
+            elif ts.__class__ is datetime:
+                if ts > newest_dt:  # type: ignore[operator]
+                    if ts > limit_dt:  # type: ignore[operator]
+                        self._reject(t, first_line + i, ts_ahead(ev, now)
+                                     or Rejected("out_of_range", "`$.ts` too far ahead"))
+                        continue
+                    newest_dt = ts  # type: ignore[assignment]
+            elif ts > newest:  # type: ignore[operator]
+                if ts > limit:  # type: ignore[operator]
+                    self._reject(t, first_line + i, ts_ahead(ev, now)
+                                 or Rejected("out_of_range", "`$.ts` too far ahead"))
+                    continue
+                newest = ts  # type: ignore[assignment]
             apply(ev)
-            last = ev
             ok += 1
         t.line += len(lines)
         if ok:
-            sink.accepted(source, ok, last.epoch() if last is not None else None)
+            if not untimed and newest_dt is not _DT_MIN:
+                newest = max(newest, newest_dt.timestamp())
+            sink.accepted(source, ok, None if untimed else newest)
         return len(lines)
 
     def _reject(self, t: Tracked, line_no: int, rej: Rejected) -> None:
