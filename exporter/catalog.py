@@ -180,6 +180,12 @@ LABEL_OVERFLOW = MetricSpec(
 PUSH_REQUESTS = MetricSpec(
     "aicrm_push_requests_total", C, "Requests to POST /v1/events, by HTTP status code.", ("code",),
 )
+STATE_WRITE_FAILURES = MetricSpec(
+    "aicrm_exporter_state_write_failures_total", C,
+    "Failed writes of the state file since the process started; while they fail, /metrics "
+    "serves the values last written.",
+    (),
+)
 THRESHOLD = MetricSpec(
     "aicrm_threshold", G,
     "Thresholds from config.json; per-agent, per-platform and per-task-type where they apply.",

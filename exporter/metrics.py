@@ -49,6 +49,9 @@ HistState = list[float]
 STATE_VERSION = 1
 TASK_DB_SPECS = frozenset({c.TASKS, c.TASK_DURATION, c.TASK_WAIT})
 """Served from the task database's latest snapshot, not from events."""
+NOT_STORED = TASK_DB_SPECS | {c.STATE_WRITE_FAILURES}
+"""Not in the store's counters: the state write failures are the process's own (runtime.py),
+served even when the store's values cannot be."""
 
 
 def status_class(status: int | str | None) -> str:
@@ -81,10 +84,10 @@ class MetricStore(Collector):
         self.version = 0
         """Bumped by every change; the checkpointer compares it to know what is persisted."""
         self._counters: dict[str, dict[LabelValues, float]] = {
-            s.name: {} for s in c.ALL if s.kind is Kind.COUNTER and s not in TASK_DB_SPECS
+            s.name: {} for s in c.ALL if s.kind is Kind.COUNTER and s not in NOT_STORED
         }
         self._hists: dict[str, dict[LabelValues, HistState]] = {
-            s.name: {} for s in c.ALL if s.kind is Kind.HISTOGRAM and s not in TASK_DB_SPECS
+            s.name: {} for s in c.ALL if s.kind is Kind.HISTOGRAM and s not in NOT_STORED
         }
         self._bounds: dict[str, tuple[float, ...]] = {
             # floats: bisect compares float to float faster than float to int
@@ -102,6 +105,9 @@ class MetricStore(Collector):
         self._source_lag: dict[str, float] = {}
         self._source_last: dict[str, float] = {}
         self._tasks: TaskDbSnapshot | None = None
+        self._saved_tasks: dict[str, Any] | None = None
+        """The task families as the state file held them at start (``task_families``): kept
+        in every snapshot until the task database's first report replaces them."""
         self._rebuilt: dict[str, dict[tuple[str, LabelValues], float]] = {}
         """Per source reporting totals (``source_totals``): how much of each self counter it
         has added, over every run; persisted with the counters."""
@@ -164,9 +170,16 @@ class MetricStore(Collector):
         with self.lock:
             return self._positions.get(source)
 
+    def saved_task_families(self) -> dict[str, Any] | None:
+        """The task families served when the state file was written (``task_families``:
+        JSON as ``dump`` writes it), or None (first start, or an older state file)."""
+        with self.lock:
+            return self._saved_tasks
+
     def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
                       overflow: Mapping[str, int], newest_ts: float | None, *,
-                      position: Any = None, resumed: bool = False) -> None:
+                      position: Any = None, resumed: bool = False,
+                      tasks: TaskDbSnapshot | None = None) -> None:
         """Self counts of a source that rebuilds them from its own data on every start (the
         task database), given as totals since it started.
 
@@ -177,7 +190,8 @@ class MetricStore(Collector):
         arrived while the exporter was down). Either way a restart makes no jump, a count the
         source no longer sees (a deleted row) is kept, and later reports add their increase.
         ``position`` (JSON) is saved with the counters and handed back by ``source_position``
-        after a restart.
+        after a restart. ``tasks`` replaces the task families in the same step, so a snapshot
+        never holds a position with task families of another poll.
         """
         totals: dict[tuple[str, LabelValues], float] = {
             (c.SOURCE_EVENTS.name, (source,)): float(events)}
@@ -218,6 +232,8 @@ class MetricStore(Collector):
             if position is not None and position != self._positions.get(source):
                 self._positions[source] = position
                 changed = True
+            if tasks is not None:
+                self.task_snapshot(tasks)
             if changed:
                 self.version += 1
 
@@ -233,6 +249,8 @@ class MetricStore(Collector):
             }
             positions = state.get("source_positions")
             self._positions = dict(positions) if isinstance(positions, dict) else {}
+            tasks = state.get("task_families")
+            self._saved_tasks = tasks if isinstance(tasks, dict) else None
 
     def source_status(self, source: str, up: bool) -> None:
         with self.lock:
@@ -249,10 +267,14 @@ class MetricStore(Collector):
             self.version += 1
 
     def task_snapshot(self, snap: TaskDbSnapshot) -> None:
-        """Replace the task database families; they are totals from the database, so they
-        are not part of the persisted state."""
+        """Replace the task database families. Their counters and histograms are persisted
+        (``task_families``), so a change to them is a change to save before it is served."""
         with self.lock:
-            self._tasks = snap
+            old, self._tasks = self._tasks, snap
+            if old is None or (old.totals, old.duration, old.wait) != (
+                    snap.totals, snap.duration, snap.wait):
+                self._saved_tasks = None
+                self.version += 1
 
     def add_source(self, source: str) -> None:
         """Declare a source so its self metrics exist (at zero) before its first event."""
@@ -557,6 +579,8 @@ class MetricStore(Collector):
                 for source, added in self._rebuilt.items()
             },
             "source_positions": dict(self._positions),
+            "task_families": (self._saved_tasks if self._tasks is None
+                              else _dump_tasks(self._tasks)),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -586,6 +610,19 @@ def _saved(value: float | None) -> float:
     """A saved number: JSON has no infinity, so a sum that overflowed was saved as null (the
     event bounds keep sums finite; a state from before them may hold one)."""
     return math.inf if value is None else float(value)
+
+
+def _dump_tasks(snap: TaskDbSnapshot) -> dict[str, Any]:
+    """The task families' counters and histograms as served, for the state file: a restart
+    serves them plus the rows no earlier run counted (sources/taskdb.py), never less."""
+    def hist(d: HistogramData) -> list[float]:
+        return [*d.buckets, d.sum, d.count]
+
+    return {
+        "totals": [[*k, v] for k, v in snap.totals.items()],
+        "duration": [[*k, hist(d)] for k, d in snap.duration.items()],
+        "wait": [[k, hist(d)] for k, d in snap.wait.items()],
+    }
 
 
 def _hist_data(h: HistState) -> HistogramData:

@@ -8,9 +8,11 @@ the HTTP server.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -20,10 +22,13 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from . import catalog
 from .config import Config, ConfigError, parse_listen
 from .metrics import MetricStore
-from .server import Handlers, Server
+from .server import Handlers, MetricsUnavailable, Server
 from .sources.files import FileTailer, Watch
 from .sources.push import (
     BatchMarker,
@@ -33,9 +38,12 @@ from .sources.push import (
     ingest_batch,
     validate_batch,
 )
-from .state import StateFile
+from .state import StateFile, StateLock
 
 log = logging.getLogger(__name__)
+
+STATE_FAILURE_LOG_SECONDS = 60.0
+"""While state writes keep failing, the error is logged at most this often."""
 
 
 class Checkpointer:
@@ -46,6 +54,33 @@ class Checkpointer:
         self.store, self.tailer, self.state, self.journal = store, tailer, state, journal
         self.saved_version = -1
         self.failures = 0
+        """Failed state writes since the process started (served as a counter)."""
+        self._failing = False
+        self._logged_at = -math.inf
+        self._not_logged = 0
+
+    def try_checkpoint(self, clock: Callable[[], float] = time.monotonic) -> bool:
+        """``checkpoint``; False if it failed (counted, logged at most once a minute)."""
+        try:
+            self.checkpoint()
+        except OSError as exc:
+            self.failures += 1
+            self._failing = True
+            now = clock()
+            if now - self._logged_at >= STATE_FAILURE_LOG_SECONDS:
+                more = (f"; {self._not_logged} more failures since the last message"
+                        if self._not_logged else "")
+                log.error("cannot write state to %s (%s); serving the values last written, "
+                          "retrying%s", self.state.path, exc, more)
+                self._logged_at, self._not_logged = now, 0
+            else:
+                self._not_logged += 1
+            return False
+        if self._failing:
+            self._failing = False
+            log.warning("state written to %s again after %d failed writes", self.state.path,
+                        self.failures)
+        return True
 
     def checkpoint(self) -> None:
         """Write a snapshot if anything changed. Raises OSError if it cannot be written."""
@@ -64,6 +99,20 @@ class Checkpointer:
 class Exporter:
     def __init__(self, cfg: Config, *, registry: CollectorRegistry | None = None):
         self.cfg = cfg
+        # First of all: one process per state directory. A second one would rewrite the
+        # files the first appends to (the idempotency index, the state file), losing data.
+        self.state_lock = StateLock(cfg.exporter.state_dir)
+        self.state_lock.acquire()
+        try:
+            self._init(cfg, registry)
+        except BaseException:
+            server: Server | None = getattr(self, "server", None)
+            if server is not None:
+                server.httpd.server_close()
+            self.state_lock.release()
+            raise
+
+    def _init(self, cfg: Config, registry: CollectorRegistry | None) -> None:
         self.store = MetricStore(cfg)
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(self.store)
@@ -90,33 +139,13 @@ class Exporter:
                     f"push is enabled but ${push.token_env} is not set",
                 )])
             self.push_token = token
-            self.journal = Journal(cfg.exporter.state_dir, cfg.exporter.journal_segment_bytes)
-            self.idempotency = IdempotencyIndex(self.journal.dir)
 
-        watches = [Watch(s.name, s.path) for s in cfg.sources.event_logs]
-        if self.journal is not None:
-            watches.append(self.journal.watch)
-        self.tailer = FileTailer(watches, self.store, max_line_bytes=cfg.exporter.max_line_bytes)
-        self.checkpointer = Checkpointer(self.store, self.tailer, self.state, self.journal)
-
-        saved = self.state.read()
-        if saved is not None:
-            self.store.load(saved)
-            self.store.load_rebuilt(saved)
-            self.tailer.restore(saved.get("positions", []))
-            log.info("resumed from %s", self.state.path)
-
-        self.taskdb: Any = None
-        if cfg.sources.task_db is not None:
-            from .sources.taskdb import TaskDbReader
-
-            self.store.add_source("task_db")
-            self.taskdb = TaskDbReader(cfg.sources.task_db, self.store.labels, self.store)
-
+        # Listen before any state file is touched: a start that cannot (the port is taken,
+        # e.g. by a copy already running) changes nothing on disk.
         host, port = parse_listen(cfg.exporter.listen)
         handlers = Handlers(
             metrics=self.render,
-            push=self._push if self.journal is not None else None,
+            push=self._push if push.enabled else None,
             push_token=self.push_token,
             max_body_bytes=push.max_body_bytes,
             health=self.health,
@@ -128,16 +157,49 @@ class Exporter:
             raise OSError(f"exporter.listen: cannot listen on {cfg.exporter.listen}: "
                           f"{exc.strerror or exc}") from exc
 
+        if push.enabled:
+            self.journal = Journal(cfg.exporter.state_dir, cfg.exporter.journal_segment_bytes)
+            self.idempotency = IdempotencyIndex(self.journal.dir)
+
+        watches = [Watch(s.name, s.path) for s in cfg.sources.event_logs]
+        if self.journal is not None:
+            watches.append(self.journal.watch)
+        self.tailer = FileTailer(watches, self.store, max_line_bytes=cfg.exporter.max_line_bytes)
+        self.checkpointer = Checkpointer(self.store, self.tailer, self.state, self.journal)
+        self.process_registry.register(_StateWriteFailures(self.checkpointer))
+        self._persisted: bytes | None = None
+        """The rendering of the values last written to the state file: served while a write
+        fails (None: nothing written yet, /metrics answers 503)."""
+
+        saved = self.state.read()
+        if saved is not None:
+            self.store.load(saved)
+            self.store.load_rebuilt(saved)
+            self.tailer.restore(saved.get("positions", []))
+            self._persisted = self.store.render_text()  # exactly what the file holds
+            log.info("resumed from %s", self.state.path)
+
+        self.taskdb: Any = None
+        if cfg.sources.task_db is not None:
+            from .sources.taskdb import TaskDbReader
+
+            self.store.add_source("task_db")
+            self.taskdb = TaskDbReader(cfg.sources.task_db, self.store.labels, self.store)
+
     # --- HTTP-facing -----------------------------------------------------------------------
 
     def render(self) -> bytes:
-        """Persist, then render what was persisted: a restart never serves lower counters."""
+        """Persist, then render what was persisted: a restart never serves lower counters.
+        If the state cannot be written, serve what was last written (the values a restart
+        would continue from), or nothing (MetricsUnavailable: 503) if nothing was."""
         with self.store.lock:
-            try:
-                self.checkpointer.checkpoint()
-            except OSError:
-                log.exception("cannot write state; serving anyway")
-            text = self.store.render_text()
+            if self.checkpointer.try_checkpoint():
+                text = self._persisted = self.store.render_text()
+            elif self._persisted is None:
+                raise MetricsUnavailable(
+                    f"cannot write the state file {self.state.path}; no values written yet")
+            else:
+                text = self._persisted
         return text + generate_latest(self.process_registry)
 
     def _push(self, body: bytes, key: str | None = None) -> tuple[int, dict[str, Any], bool]:
@@ -192,10 +254,7 @@ class Exporter:
         now = time.monotonic()
         if now - self._last_checkpoint >= self.cfg.exporter.checkpoint_seconds:
             self._last_checkpoint = now
-            try:
-                self.checkpointer.checkpoint()
-            except OSError:
-                log.exception("cannot write state to %s", self.state.path)
+            self.checkpointer.try_checkpoint()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -211,6 +270,21 @@ class Exporter:
             self.journal.close()
         if self.idempotency is not None:
             self.idempotency.close()
+        self.state_lock.release()
+
+
+class _StateWriteFailures(Collector):
+    """``aicrm_exporter_state_write_failures_total``: served with the process's own series,
+    outside the stored values (which are what a failing write cannot refresh)."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        spec = catalog.STATE_WRITE_FAILURES
+        m = CounterMetricFamily(spec.base_name, spec.help)
+        m.add_metric([], float(self.checkpointer.failures))
+        yield m
 
 
 def _answer(result: BatchResult) -> tuple[int, dict[str, Any]]:

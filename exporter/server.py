@@ -40,6 +40,10 @@ class Handlers:
         self.count_push = count_push
 
 
+class MetricsUnavailable(Exception):
+    """No values can be served yet (none is on disk): /metrics answers 503."""
+
+
 def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
     from .sources.push import IDEMPOTENCY_HEADER, check_token, valid_idempotency_key
 
@@ -72,7 +76,12 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                body = h.metrics()
+                try:
+                    body = h.metrics()
+                except MetricsUnavailable as exc:
+                    self._send(503, f"{exc}\n".encode(), "text/plain; charset=utf-8",
+                               {"Retry-After": "5"})
+                    return
                 if "gzip" in (self.headers.get("Accept-Encoding") or ""):
                     self._send(200, gzip.compress(body, 1), CONTENT_TYPE_LATEST,
                                {"Content-Encoding": "gzip"})

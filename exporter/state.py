@@ -9,6 +9,8 @@ sees a value that a restart could take back (which it would read as a counter re
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -19,6 +21,58 @@ import msgspec
 log = logging.getLogger(__name__)
 
 STATE_FILE = "exporter-state.json"
+LOCK_FILE = "lock"
+
+
+class StateDirInUse(RuntimeError):
+    """Another running exporter holds the state directory."""
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``<state_dir>/lock``, held for the life of the exporter.
+
+    Two processes on one state directory would each rewrite files the other appends to (the
+    idempotency index, the state file, the push journal), losing data. The kernel drops the
+    lock when its holder exits, even by ``kill -9``, so a crash leaves no stale lock; the file
+    holds the holder's pid, for the message.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]):
+        self.dir = Path(state_dir)
+        self.path = self.dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise: StateDirInUse if held, RuntimeError naming
+        ``exporter.state_dir`` if the directory cannot be used."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RuntimeError(f"exporter.state_dir: cannot use {self.dir}: "
+                               f"{exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise RuntimeError(f"exporter.state_dir: cannot lock {self.path}: "
+                                   f"{exc.strerror or exc}") from exc
+            pid = f", pid {holder}" if holder.isdigit() else ""
+            raise StateDirInUse(f"exporter.state_dir: {self.dir} is already used by another "
+                                f"running exporter{pid}") from None
+        os.ftruncate(fd, 0)
+        write_all(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
 
 
 def write_all(fd: int, data: bytes) -> None:

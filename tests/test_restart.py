@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import config_dict
+from tests.helpers import config_dict, eventually
 from tests.servers import ProcessHandle, free_port, http_ok
 
 TOKEN = "test-token-123"
@@ -176,3 +176,114 @@ def test_kill9_mid_file_and_mid_push_loses_and_repeats_nothing(tmp_path: Path) -
     rejected = sum(v for (name, _), v in values.items()
                    if name == "aicrm_source_rejected_events_total")
     assert rejected == 0
+
+
+FAILURES = "aicrm_exporter_state_write_failures_total"
+
+
+def _served(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The exporter's counters as served, without the count of failed state writes."""
+    return {k: v for k, v in _scrape(url).items() if k[0] != FAILURES}
+
+
+def _failures(url: str) -> float:
+    return _scrape(url).get((FAILURES, ()), 0.0)
+
+
+def test_state_write_failure_serves_only_what_is_on_disk(tmp_path: Path) -> None:
+    """While the state file cannot be written, /metrics serves the values last written (a
+    restart after kill -9 continues from those, so Prometheus never sees a counter go down),
+    counts the failures, and logs them once, not once per scrape; nothing read meanwhile is
+    lost. A process that has never written its state answers 503."""
+    events = tmp_path / "events"
+    events.mkdir()
+    log = events / "a.jsonl"
+    exp = Exporter(tmp_path)
+    exp.start()
+    results = ("aicrm_agent_task_results_total",
+               (("agent", "lead-qualifier"), ("outcome", "success"), ("task_type", "qualify_lead")))
+    try:
+        with log.open("a") as f:
+            f.writelines(_line(i) + "\n" for i in (2, 4, 6))
+        assert eventually(lambda: _served(exp.url).get(results) == 3, 10)
+        on_disk = _served(exp.url)
+        blocker = tmp_path / "state" / "exporter-state.tmp"
+        blocker.mkdir()  # every state write now fails (the temporary file cannot be made)
+        with log.open("a") as f:
+            f.writelines(_line(i) + "\n" for i in (8, 12, 14, 16, 18))
+        eventually(lambda: _failures(exp.url) > 0 or _served(exp.url) != on_disk, 10)
+        for _ in range(10):
+            assert _served(exp.url) == on_disk
+        assert _failures(exp.url) > 0
+        exp.handle.kill9()
+        assert exp.handle.log_path.read_text().count("cannot write state") == 1
+        blocker.rmdir()
+        exp.start()
+        after = _served(exp.url)
+        assert all(after[k] >= v for k, v in on_disk.items())
+        assert eventually(lambda: _served(exp.url).get(results) == 8, 10)
+    finally:
+        exp.handle.stop()
+
+    # Never written (a first start): nothing may be served.
+    fresh = tmp_path / "fresh"
+    (fresh / "events").mkdir(parents=True)
+    (fresh / "state" / "exporter-state.tmp").mkdir(parents=True)
+    exp = Exporter(fresh)
+    exp.start()
+    try:
+        assert requests.get(exp.url + "/metrics", timeout=10).status_code == 503
+        (fresh / "state" / "exporter-state.tmp").rmdir()
+        assert requests.get(exp.url + "/metrics", timeout=10).status_code == 200
+    finally:
+        exp.handle.stop()
+
+
+def test_a_second_exporter_on_the_same_state_dir_refuses_to_start(tmp_path: Path) -> None:
+    """Two processes on one state directory would rewrite each other's files: the second start
+    stops with an error naming exporter.state_dir and the running one's pid, and touches
+    nothing the running one uses, whether it could listen (another port) or not (the same)."""
+    (tmp_path / "events").mkdir()
+    first = Exporter(tmp_path)
+    first.start()
+    try:
+        index = tmp_path / "state" / "push" / "idempotency.jsonl"
+        r = requests.post(first.url + "/v1/events", data=_line(2) + "\n", timeout=10,
+                          headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "k1"})
+        assert r.status_code == 200
+        before = index.stat()
+
+        other_port = json.loads(first.config.read_text())
+        other_port["exporter"]["listen"] = f"127.0.0.1:{free_port()}"
+        other_config = tmp_path / "other-port.json"
+        other_config.write_text(json.dumps(other_port))
+        for name, config in (("second-other-port", other_config),
+                             ("second-same-port", first.config)):
+            second = ProcessHandle(name, tmp_path)
+            second.start([sys.executable, "-m", "exporter", "--config", str(config)],
+                         env=first.env)
+            try:
+                assert second.process is not None
+                assert second.process.wait(30) != 0
+            finally:
+                second.stop()
+            message = second.log_path.read_text()
+            assert "exporter.state_dir" in message, message
+            assert f"already used by another running exporter, pid {first.handle.pid}" \
+                in message, message
+            after = index.stat()
+            assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+
+        # The running one still records its keys where a restart finds them.
+        r = requests.post(first.url + "/v1/events", data=_line(4) + "\n", timeout=10,
+                          headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "k2"})
+        assert r.status_code == 200
+        assert '"k2"' in index.read_text()
+    finally:
+        first.handle.stop()
+    # Released at exit: the next start works (and so does one after kill -9: the kernel
+    # drops the lock with the process).
+    first.start()
+    first.handle.kill9()
+    first.start()
+    first.handle.stop()

@@ -56,6 +56,8 @@ class FakeSink:
         """The position handed back to a new reader (a previous run's, to resume from)."""
         self.position: Any = None
         self.resumed: bool | None = None
+        self.saved_tasks: Any = None
+        """The task families handed back to a new reader (saved with ``saved``)."""
 
     @property
     def snap(self) -> TaskDbSnapshot:
@@ -72,9 +74,21 @@ class FakeSink:
         assert source == SOURCE
         return self.saved
 
+    def saved_task_families(self) -> Any:
+        return self.saved_tasks
+
+    def saved_state(self) -> tuple[Any, Any]:
+        """(position, task families) as a state file would hold them after the last poll."""
+        from exporter.metrics import _dump_tasks
+
+        return self.position, json.loads(json.dumps(_dump_tasks(self.snap)))
+
     def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
                       overflow: Mapping[str, int], newest_ts: float | None, *,
-                      position: Any = None, resumed: bool = False) -> None:
+                      position: Any = None, resumed: bool = False,
+                      tasks: TaskDbSnapshot | None = None) -> None:
+        if tasks is not None:
+            self.task_snapshot(tasks)
         assert source == SOURCE and set(rejected) <= set(catalog.REJECT_REASONS)
         assert resumed == (self.saved is not None)
         self.position, self.resumed = position, resumed
@@ -578,6 +592,7 @@ def run_exporter(cfg: Config, *while_running: Callable[[], object]) -> tuple[flo
     finally:
         e.server.httpd.server_close()
         e.taskdb.close()
+        e.state_lock.release()
     get = registry.get_sample_value
     return (get("aicrm_source_events_total", {"source": SOURCE}),
             get("aicrm_source_rejected_events_total",
@@ -650,6 +665,96 @@ def test_exporter_restart_after_a_purge_while_running_counts_the_new_rows(
     assert run_exporter(cfg, lambda: delete(db, "e", "f", "g")) == (6, 2, 2)
     db.insert(done("i", finished=10))
     assert run_exporter(cfg) == (7, 2, 2)
+
+
+def run_tasks(cfg: Config, *while_running: Callable[[], object]) -> dict[str, float | None]:
+    """As ``run_exporter``; the task families as served last."""
+    from exporter.runtime import Exporter
+
+    registry = CollectorRegistry(auto_describe=False)
+    e = Exporter(cfg, registry=registry)
+    try:
+        e.taskdb.poll_once()
+        e.render()
+        for action in while_running:
+            action()
+            e.taskdb.poll_once()
+            e.render()
+    finally:
+        e.server.httpd.server_close()
+        e.taskdb.close()
+        e.state_lock.release()
+    get = registry.get_sample_value
+    series = {"task_type": "qualify_lead", "agent": "lead-qualifier"}
+    return {
+        "completed": get("aicrm_tasks_total", {**series, "status": "completed"}),
+        "failed": get("aicrm_tasks_total", {**series, "status": "failed"}),
+        "duration_count": get("aicrm_task_duration_seconds_count", series),
+        "duration_sum": get("aicrm_task_duration_seconds_sum", series),
+        "duration_le_60": get("aicrm_task_duration_seconds_bucket", {**series, "le": "60.0"}),
+        "wait_count": get("aicrm_task_wait_seconds_count", {"task_type": "qualify_lead"}),
+        "wait_sum": get("aicrm_task_wait_seconds_sum", {"task_type": "qualify_lead"}),
+    }
+
+
+def tasks_served(completed: int, failed: int = 0, short: int = 0) -> dict[str, float]:
+    """What run_tasks returns for rows made by ``done`` (waited 100 s, ran 100 s) and
+    ``short`` of them that ran 30 s."""
+    n = completed + failed
+    return {"completed": completed, "failed": failed, "duration_count": n,
+            "duration_sum": pytest.approx(100.0 * (n - short) + 30.0 * short),
+            "duration_le_60": short, "wait_count": n, "wait_sum": pytest.approx(100.0 * n)}
+
+
+def test_exporter_restart_after_a_purge_never_lowers_the_task_families(
+        db: Db, tmp_path: Path) -> None:
+    """A retention purge deletes counted rows: the task families served after a restart
+    must not drop (Prometheus would read a counter reset and count the whole remaining table
+    again in increase()), while the rows that finished while the exporter was down are added
+    once, whether the start reads them in bulk (the aggregate's range), one by one (above its
+    floor) or at the saved mark's very instant."""
+    db.insert(*(done(f"r{i}", finished=3000 - 100 * i) for i in range(10)))  # r9: the mark
+    cfg = exporter_config(db, tmp_path)
+    assert run_tasks(cfg) == tasks_served(10)
+
+    # Purged while running, then restarted: nothing goes down.
+    assert run_tasks(cfg, lambda: delete(db, *(f"r{i}" for i in range(6)))) == tasks_served(10)
+    assert run_tasks(cfg) == tasks_served(10)
+
+    # Down: another purge, and rows finishing (one ran 30 s).
+    delete(db, "r6", "r7")
+    db.insert(done("tie", finished=2100),  # at the mark's instant, not counted yet
+              done("bulk", "failed", finished=1000),  # below the next start's floor
+              done("short", finished=10, started=40, created=140))  # above it
+    assert run_tasks(cfg) == tasks_served(12, failed=1, short=1)
+    assert run_tasks(cfg) == tasks_served(12, failed=1, short=1)
+    delete(db, "r8", "r9", "tie", "bulk", "short")
+    assert run_tasks(cfg) == tasks_served(12, failed=1, short=1)
+    db.insert(done("next", finished=5))
+    assert run_tasks(cfg) == tasks_served(13, failed=1, short=1)
+
+
+def test_exporter_restart_from_a_state_file_without_the_task_families(
+        db: Db, tmp_path: Path) -> None:
+    """A state file from before the task families were saved: that start serves the table's
+    aggregate, as before; it saves them, so from the next start on a purge lowers nothing."""
+    db.insert(*(done(f"r{i}", finished=3000 - 100 * i) for i in range(4)))
+    cfg = exporter_config(db, tmp_path)
+    assert run_tasks(cfg) == tasks_served(4)
+    state_file = tmp_path / "state" / "exporter-state.json"
+    state = json.loads(state_file.read_text())
+    del state["task_families"]
+    state_file.write_text(json.dumps(state))
+
+    db.insert(done("new", finished=100))
+    assert run_tasks(cfg) == tasks_served(5)
+    assert "task_families" in json.loads(state_file.read_text())
+    delete(db, "r0", "r1")
+    assert run_tasks(cfg) == tasks_served(5)
+    state = json.loads(state_file.read_text())  # an unreadable mark: the saved values floor
+    state["source_positions"][SOURCE] = {"mark": "not a time"}
+    state_file.write_text(json.dumps(state))
+    assert run_tasks(cfg) == tasks_served(5)
 
 
 @pytest.mark.parametrize("written_before", [("source_positions",),
@@ -815,6 +920,17 @@ def test_restart_from_saved_rows_looked_up_in_several_queries(
     assert second.rejected == {"unknown_status": 1} and second.overflowed == {"task_type": 1}
     assert counted(second.snap) == 9  # the rows of the table with a valid status and times
 
+    # With the task families saved too, they continue from them: a5 keeps its count, the
+    # saved rows the bulk count read again are taken back, and the new rows are added.
+    third = FakeSink()
+    third.saved, third.saved_tasks = first.saved_state()
+    with reader(db, cfg, third, clock) as r:
+        r.poll_once()
+    assert counted(first.snap) == 5 and counted(third.snap) == 10
+    assert third.accepted_rows == 5
+    dur = third.snap.duration[("qualify_lead", "lead-qualifier")]
+    assert dur.count == sum(dur.buckets) == 8 and dur.sum == pytest.approx(800)
+
 def test_a_poll_with_nothing_new_costs_nothing_per_row_at_the_mark(
         db: Db, cfg: Config, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     """One UPDATE can finish thousands of tasks at one instant, the mark's: every poll after it
@@ -929,7 +1045,8 @@ def test_sqlite_timestamps_in_other_formats(tmp_path: Path, cfg: Config, clock: 
 
         # Down for a while, restarted from the saved state: a purge, a row finished since the
         # mark in each format (SQLAlchemy's, read by the aggregate; 'Z', read one by one).
-        # Only those two are added; 'junk' (remembered with the mark) is not rejected again.
+        # Only those two are added, to the counters and to the task families (which keep the
+        # purged rows); 'junk' (remembered with the mark) is not rejected again.
         with store.lock:
             state = msgspec.json.decode(msgspec.json.encode(store.dump()))
         clock.now += 200
@@ -942,7 +1059,7 @@ def test_sqlite_timestamps_in_other_formats(tmp_path: Path, cfg: Config, clock: 
         resumed.load_rebuilt(state)
         resumed.add_source(SOURCE)
         with TaskDbReader(d.settings, resumed.labels, resumed, clock=clock) as r:
-            assert poll(r, resumed) == {"up": 1, "completed": 6, "duration_sum": 480,
+            assert poll(r, resumed) == {"up": 1, "completed": 8, "duration_sum": 630,
                                         "events": 8, "bad": 2}
     finally:
         d.close()

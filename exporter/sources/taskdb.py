@@ -1,19 +1,21 @@
 """The task database source: the ``tasks`` table, read incrementally into ``TaskDbSnapshot``s.
 
-One aggregate read at start gives true totals, so a restart rebuilds the numbers Prometheus
-already saw. Afterwards a poll reads only rows whose ``finished_at`` lies above a *floor* that
-trails the newest ``finished_at`` by ``lookback_seconds``; the ids read above the floor are
-remembered, so a late commit is counted once and re-reading the window counts nothing twice.
-Whether a row is valid, why it is rejected and which histogram bucket it falls in is decided by
-one SQL expression shared by both reads, so both reads agree to the row. docs/task-db.md has
-the full argument and the indexes it relies on.
+One aggregate read at the first start gives true totals. Later starts continue the task
+families from the values the state file saved with the high-water mark (below), adding only the
+rows finished after it, so a purge of old rows cannot lower a served counter. Afterwards a poll
+reads only rows whose ``finished_at`` lies above a *floor* that trails the newest
+``finished_at`` by ``lookback_seconds``; the ids read above the floor are remembered, so a late
+commit is counted once and re-reading the window counts nothing twice. Whether a row is valid,
+why it is rejected and which histogram bucket it falls in is decided by one SQL expression
+shared by both reads, so both reads agree to the row. docs/task-db.md has the full argument and
+the indexes it relies on.
 
 The reader's own counts (rows counted, rejected by reason, label overflows) live in the state
 file with the other sources' counters, so a start must not count again what an earlier run
 counted, even if the table has lost those rows since. With every report the reader hands the
 sink its high-water mark (the newest ``finished_at`` read, and the rows counted at or above it);
-the sink saves it with the counters, and the next start counts into these only the rows
-finished after it.
+the sink saves it with the counters and the task families as served, and the next start
+counts into both only the rows finished after it.
 """
 
 from __future__ import annotations
@@ -84,21 +86,29 @@ _WAIT_BOUNDS = catalog.TASK_WAIT.buckets
 class Sink(Protocol):
     """Where the reader delivers typed data; ``exporter.metrics.MetricStore`` is one."""
 
-    def task_snapshot(self, snap: TaskDbSnapshot) -> None: ...
-
     def source_status(self, source: str, up: bool) -> None: ...
 
     def source_position(self, source: str) -> Any:
         """The ``position`` last handed to ``source_totals`` by an earlier run, or None."""
         ...
 
+    def saved_task_families(self) -> Any:
+        """The task families as an earlier run last saved them (with the position
+        ``source_position`` gives), or None: JSON, ``{"totals": [[task_type, agent, status,
+        n]], "duration": [[task_type, agent, [buckets..., sum, count]]], "wait": [[task_type,
+        [...]]]}``."""
+        ...
+
     def source_totals(self, source: str, events: int, rejected: Mapping[str, int],
                       overflow: Mapping[str, int], newest_ts: float | None, *,
-                      position: Any = None, resumed: bool = False) -> None:
+                      position: Any = None, resumed: bool = False,
+                      tasks: TaskDbSnapshot | None = None) -> None:
         """Rows counted, rejected (by reason) and label overflows since this reader started;
         ``newest_ts`` is the newest row counted by this poll. ``resumed``: these count only
         rows after the position ``source_position`` gave (else the start-up aggregate's whole
-        table is included). ``position`` (JSON) is what to hand back after a restart."""
+        table is included). ``position`` (JSON) is what to hand back after a restart.
+        ``tasks``: the task families as of this poll, to be saved with ``position`` (one
+        step: the saved families always hold exactly the rows the saved position counted)."""
         ...
 
 
@@ -246,14 +256,16 @@ class _Queries:
         return t(self.finished) > t(mark)
 
     def after_mark(self, cutoff: datetime, mark: datetime | None) -> Any:
-        """Self counts of the rows the aggregate reads (``finished_at <= cutoff``) that
-        finished after ``mark`` (all of them if None): (task_type, agent, reason, n)."""
+        """The rows the aggregate reads (``finished_at <= cutoff``) that finished after
+        ``mark`` (all of them if None), grouped as ``aggregate`` groups them."""
         q = self.row.where(self.finished <= cutoff)
         if mark is not None:
             q = q.where(self._from(mark), self._after(mark))
         rows = q.subquery()
-        keys = (rows.c.task_type, rows.c.agent, rows.c.reason)
-        return select(*keys, func.count()).group_by(*keys)
+        keys = (rows.c.task_type, rows.c.agent, rows.c.status, rows.c.reason, rows.c.dur_b,
+                rows.c.wait_b)
+        return select(*keys, func.count(), func.sum(rows.c.dur), func.sum(rows.c.wait)
+                      ).group_by(*keys)
 
     def at_marks(self, cutoff: datetime, mark: datetime | None,
                  marks: Sequence[datetime]) -> Any:
@@ -307,8 +319,10 @@ class _Read:
     """(id, reason) of some aggregated rows with an unreadable timestamp."""
     saved: _Saved | None = None
     """The high-water mark of the previous run (start-up only; None: count the whole table)."""
+    saved_tasks: _SavedTasks | None = None
+    """The task families the previous run saved with its mark (start-up only)."""
     after: list[Any] = field(default_factory=list)
-    """Self counts of the aggregated rows that finished after the saved mark."""
+    """The aggregated rows that finished after the saved mark, grouped as the aggregate."""
     at_marks: dict[Any, Any] = field(default_factory=dict)
     """The aggregated rows that finished at the saved mark or at a saved row's time, by id,
     each with whether ``after`` counted it."""
@@ -358,6 +372,40 @@ class _Saved:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("task database: the saved high-water mark is unreadable (%s: %s); "
                         "recounting the table", type(exc).__name__, exc)
+            return None
+
+
+@dataclass(slots=True)
+class _SavedTasks:
+    """The task families as an earlier run served and saved them (``saved_task_families``)."""
+
+    totals: dict[tuple[str, str, str], int]
+    duration: dict[tuple[str, str], _Hist]
+    wait: dict[str, _Hist]
+
+    @classmethod
+    def parse(cls, raw: Any) -> _SavedTasks | None:
+        """None (with a warning if something was saved but cannot be used, e.g. the catalog's
+        buckets changed): the start then counts the task families from the table alone."""
+        if raw is None:
+            return None
+
+        def hist(values: Any, bounds: Sequence[float]) -> _Hist:
+            *buckets, total, count = values
+            if len(buckets) != len(bounds) + 1:
+                raise ValueError("the histogram buckets changed")
+            return _Hist([int(b) for b in buckets], float(total), int(count))
+
+        try:
+            return cls(
+                totals={(str(t), str(a), str(st)): int(n) for t, a, st, n in raw["totals"]},
+                duration={(str(t), str(a)): hist(h, _DURATION_BOUNDS)
+                          for t, a, h in raw["duration"]},
+                wait={str(t): hist(h, _WAIT_BOUNDS) for t, h in raw["wait"]},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("task database: the saved task families are unusable (%s: %s); "
+                        "counting them from the table", type(exc).__name__, exc)
             return None
 
 
@@ -562,6 +610,7 @@ class TaskDbReader:
         if not self._ready:
             read.initial = True
             read.saved = _Saved.parse(self._sink.source_position(SOURCE))
+            read.saved_tasks = _SavedTasks.parse(self._sink.saved_task_families())
             newest = _utc(conn.execute(q.newest).scalar())
             if newest is not None:
                 read.newest = min(newest, _utc_now(now))
@@ -616,31 +665,45 @@ class TaskDbReader:
         """Rows counted into the reader's own counters."""
         newest: datetime | None = None
         saved = read.saved if read.initial else None
+        saved_tasks = read.saved_tasks if read.initial else None
+        # The task families continue from the saved ones plus the rows after the saved mark
+        # (else they are the table's aggregate, floored at the saved ones if any).
+        resume_tasks = saved is not None and saved_tasks is not None
 
         if read.initial:
             self._resumed = saved is not None
+            if resume_tasks:
+                assert saved_tasks is not None
+                self._restore(saved_tasks)
             unreadable = 0
             for tt, ag, st, reason, dur_b, wait_b, n, dur_sum, wait_sum in read.aggregate or ():
                 if reason == _OK:
-                    self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n)
+                    if not resume_tasks:
+                        self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n)
                     counted += n
                 elif reason != _OPEN:
                     unreadable += n if reason.startswith(_UNREADABLE) else 0
                 if saved is None:
                     events += self._tally(tt, ag, reason, n, rejects, overflow)
             if saved is not None:
-                for tt, ag, reason, n in read.after:
+                for tt, ag, st, reason, dur_b, wait_b, n, dur_sum, wait_sum in read.after:
                     events += self._tally(tt, ag, reason, n, rejects, overflow)
+                    if resume_tasks and reason == _OK:
+                        self._count(tt, ag, st, dur_b, dur_sum, wait_b, wait_sum, n)
                 # Of the rows at a saved time, the bulk count took those after the mark: take
                 # back the ones the earlier run counted, add the new ones at the mark.
-                for id_, tt, ag, _st, raw_fin, reason, *_, after in read.at_marks.values():
+                for (id_, tt, ag, st, raw_fin, reason, dur, wait, dur_b, wait_b,
+                     after) in read.at_marks.values():
                     try:
                         fin = _utc(raw_fin)
                     except ValueError:
                         continue  # SQLite placed it in time, Python cannot: as the bulk did
                     if fin is not None and saved.new(id_, fin) != bool(after):
-                        events += self._tally(tt, ag, reason, -1 if after else 1, rejects,
-                                              overflow)
+                        sign = -1 if after else 1
+                        events += self._tally(tt, ag, reason, sign, rejects, overflow)
+                        if resume_tasks and reason == _OK:
+                            self._count(tt, ag, st, dur_b, None if dur is None else sign * dur,
+                                        wait_b, None if wait is None else sign * wait, sign)
             for id_, reason in read.unreadable:
                 self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
             more = unreadable - len(read.unreadable)  # named above: at most 10
@@ -684,14 +747,16 @@ class TaskDbReader:
             self._seen[id_] = fin
             heapq.heappush(self._heap, (fin, id_))
             added.append(id_)
+            new = saved is None or saved.new(id_, fin)
             if reason == _OK:
-                self._count(tt, ag, st, dur_b, dur, wait_b, wait, 1)
+                if new or not resume_tasks:
+                    self._count(tt, ag, st, dur_b, dur, wait_b, wait, 1)
                 counted += 1
                 if newest is None or fin > newest:
                     newest = fin
             elif reason.startswith(_UNREADABLE):
                 self._log_unreadable(id_, reason.removeprefix(_UNREADABLE))
-            if saved is None or saved.new(id_, fin):
+            if new:
                 events += self._tally(tt, ag, reason, 1, rejects, overflow)
         if read.full_window:
             # Ids above the floor that are gone (deleted, reopened): forget them.
@@ -718,13 +783,45 @@ class TaskDbReader:
             self._unfinished_bad = set(current)
             self._saved_position = None
 
+        if saved_tasks is not None:
+            # Never below what was served before the restart: exact when resumed (this
+            # only evens out the float rounding of a sum taken back), a floor otherwise.
+            self._floor_at(saved_tasks)
+
         self._events += events
         self._rejected.update(rejects)
         self._overflowed.update(overflow)
         self._sink.source_totals(SOURCE, self._events, self._rejected, self._overflowed,
                                  None if newest is None or not counted else _epoch(newest),
-                                 position=self._position(), resumed=self._resumed)
-        self._sink.task_snapshot(self._snapshot(read.open, now))
+                                 position=self._position(), resumed=self._resumed,
+                                 tasks=self._snapshot(read.open, now))
+
+    def _restore(self, saved: _SavedTasks) -> None:
+        """Start the task families from the saved ones (series no longer declared included:
+        a served counter does not disappear)."""
+        self._totals.update(saved.totals)
+        for key, h in saved.duration.items():
+            self._duration[key] = _Hist(list(h.buckets), h.sum, h.count)
+        for tt, h in saved.wait.items():
+            self._wait[tt] = _Hist(list(h.buckets), h.sum, h.count)
+
+    def _floor_at(self, saved: _SavedTasks) -> None:
+        """Raise every task-family value to at least its saved one."""
+        for key, n in saved.totals.items():
+            if self._totals.get(key, 0) < n:
+                self._totals[key] = n
+        hists: list[tuple[dict[Any, _Hist], dict[Any, _Hist], Sequence[float]]] = [
+            (self._duration, saved.duration, _DURATION_BOUNDS),
+            (self._wait, saved.wait, _WAIT_BOUNDS)]
+        for mine, theirs, bounds in hists:
+            for key, s in theirs.items():
+                h = mine.get(key)
+                if h is None:
+                    h = mine[key] = self._new_hist(bounds)
+                # Bucket by bucket: every cumulative bucket then is at least both.
+                h.buckets = [max(a, b) for a, b in zip(h.buckets, s.buckets, strict=True)]
+                h.count = sum(h.buckets)
+                h.sum = max(h.sum, s.sum)
 
     def _position(self) -> dict[str, Any]:
         """What this run has counted into its own counters, for the state file (``_Saved``):
