@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ConfigError, default_config_path, load_config
+from .config import ConfigError, check_state_dir, default_config_path, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as exc:
         print(f"aicrm-exporter: --listen: {exc}", file=sys.stderr)
+        return 2
+    # Checked here, not in load_config: the API and the simulator load the same file and
+    # never use the state directory. Creates nothing, so --check-config has no side effect.
+    problem = check_state_dir(cfg.exporter.state_dir)
+    if problem is not None:
+        if os.environ.get("AICRM_STATE_DIR"):
+            problem += " (set by $AICRM_STATE_DIR)"
+        print(f"aicrm-exporter: {ConfigError(str(path), [('exporter.state_dir', problem)])}",
+              file=sys.stderr)
         return 2
     if args.check_config:
         print(f"{path}: ok")

@@ -6,6 +6,7 @@ A bad file stops start-up with a ``ConfigError`` that names every bad key
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import json
 import os
@@ -21,6 +22,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -208,20 +210,41 @@ def check_db_url(url: str) -> str:
     return url
 
 
+ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
 class TaskDbSource(_Model):
-    url: Annotated[str, StringConstraints(min_length=1)]
+    # url_env comes first: url's validator reads it (``info.data``) to know if url may be left out.
+    url_env: Annotated[str, StringConstraints(pattern=ENV_NAME_RE)] | None = None
+    """An environment variable holding the URL (keeps passwords out of files). When it is set
+    and not empty at start it takes priority over ``url``, which is then only a fallback;
+    either one is required."""
+    url: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+        default=None, validate_default=True)
     table: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,126}$")] = "tasks"
     columns: TaskDbColumns = TaskDbColumns()
     poll_seconds: PositiveFloat = 5.0
     timeout_seconds: PositiveFloat = 10.0
     lookback_seconds: PositiveFloat = 120.0
     """How late (in finished_at time) a commit may arrive and still be counted once."""
-    url_env: str | None = None
-    """If set, the URL is read from this environment variable (keeps passwords out of files)."""
+
+    @field_validator("url_env", mode="wrap")
+    @classmethod
+    def _env_name(cls, v: Any, handler: Any) -> Any:
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(f"expected an environment variable name (letters, digits, _), "
+                             f"got {v!r}") from None
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            if "url_env" in info.data and not info.data["url_env"]:
+                raise ValueError("Field required (or set sources.task_db.url_env to an "
+                                 "environment variable holding the URL)")
+            return None
         return check_db_url(v)
 
 
@@ -472,7 +495,99 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             for loc, msg in exc.errors
         ]
         raise ConfigError(str(p), exc.errors) from None
-    return resolve_paths(cfg, p.resolve().parent)
+    cfg = resolve_paths(cfg, p.resolve().parent)
+    errors = event_logs_in_state_dir(cfg)
+    if errors:
+        var = from_env.get("exporter.state_dir")
+        raise ConfigError(str(p), [(loc, f"{msg} (set by ${var})" if var else msg)
+                                   for loc, msg in errors])
+    return cfg
+
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def _glob_reaches_into(pattern: str, directory: str) -> bool:
+    """Whether the glob ``pattern`` could match a path strictly inside ``directory`` (both
+    absolute and normalized), now or once files are created there.
+
+    ``glob.glob`` (not recursive) matches one path component per pattern component: each of
+    the directory's components must match the pattern's in turn (a wildcard one as fnmatch
+    does, a name starting with '.' only by one starting with '.', a plain one by equality), and
+    the pattern must have components left over, which could match anything the exporter writes
+    there. A ``**`` component is taken to match any number of components (as it would with
+    ``recursive=True``): safe whichever way the glob is read."""
+    pat = [c for c in pattern.split(os.sep) if c]
+    target = [c for c in directory.split(os.sep) if c]
+
+    def one(comp: str, name: str) -> bool:
+        if not _GLOB_MAGIC.search(comp):
+            return comp == name
+        if name.startswith(".") and not comp.startswith("."):
+            return False
+        return fnmatch.fnmatchcase(name, comp)
+
+    def walk(i: int, j: int) -> bool:
+        if j == len(target):
+            return i < len(pat)
+        if i == len(pat):
+            return False
+        if pat[i] == "**":
+            return walk(i + 1, j) or walk(i, j + 1)
+        return one(pat[i], target[j]) and walk(i + 1, j + 1)
+
+    return walk(0, 0)
+
+
+def _real_glob(pattern: str) -> str:
+    """``pattern`` with the symbolic links of its fixed part (before the first wildcard)
+    resolved."""
+    parts = pattern.split(os.sep)
+    fixed = next((i for i, c in enumerate(parts) if _GLOB_MAGIC.search(c)), len(parts))
+    head = os.path.realpath(os.sep.join(parts[:fixed]) or os.sep)
+    return os.path.join(head, *parts[fixed:]) if fixed < len(parts) else head
+
+
+def event_logs_in_state_dir(cfg: Config) -> list[tuple[str, str]]:
+    """Errors for event_logs globs (absolute, as ``resolve_paths`` leaves them) that could
+    match a file inside exporter.state_dir: the push journal (``<state_dir>/push``) or a state
+    file read as a log source would be counted twice, rejected, and never released. Compared
+    as written and with symbolic links resolved; reads the file system, writes nothing."""
+    state = os.path.normpath(cfg.exporter.state_dir)
+    real_state = os.path.realpath(state)
+    errors = []
+    for i, src in enumerate(cfg.sources.event_logs):
+        pattern = os.path.normpath(src.path)
+        if (_glob_reaches_into(pattern, state)
+                or _glob_reaches_into(_real_glob(pattern), real_state)):
+            errors.append((f"sources.event_logs[{i}].path", (
+                f"{src.path!r} can match files inside exporter.state_dir ({state}), where the "
+                "exporter keeps its state and the push journal; keep the logs out of it")))
+    return errors
+
+
+def check_state_dir(path: str) -> str | None:
+    """Why ``path`` cannot be exporter.state_dir, or None: it must be a writable directory, or
+    not exist yet with its nearest existing ancestor a writable directory (the exporter creates
+    it at start). Creates nothing (``--check-config`` runs this too)."""
+    p = Path(path)
+    try:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                return f"{p} is not a directory"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"the directory {p} is not writable by this user"
+            return None
+        ancestor = p.parent
+        while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"cannot create {p}: {ancestor} is not a directory"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"cannot create {p}: the directory {ancestor} is not writable by this user"
+    except OSError as exc:
+        return f"cannot use {p}: {exc.strerror or exc}"
+    return None
 
 
 def resolve_paths(cfg: Config, base: Path) -> Config:
@@ -484,9 +599,9 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
     logs = tuple(s.model_copy(update={"path": fix(s.path)}) for s in cfg.sources.event_logs)
     sources = cfg.sources.model_copy(update={"event_logs": logs})
     task_db = sources.task_db
-    if task_db is not None and task_db.url.startswith("sqlite:///") and not task_db.url.startswith(
-        "sqlite:////"
-    ):
+    if task_db is not None and task_db.url is not None and task_db.url.startswith(
+        "sqlite:///"
+    ) and not task_db.url.startswith("sqlite:////"):
         rel = task_db.url.removeprefix("sqlite:///")
         if rel and not rel.startswith(":memory:"):
             sources = sources.model_copy(

@@ -132,11 +132,14 @@ class Exporter:
         self.journal: Journal | None = None
         self.idempotency: IdempotencyIndex | None = None
         if push.enabled:
-            token = os.environ.get(push.token_env)
+            raw = os.environ.get(push.token_env)
+            # Surrounding white space is not part of a token (a secret mounted from a file
+            # ends with a newline, which no client sends). Never quote the value.
+            token = (raw or "").strip()
             if not token:
+                why = "is not set" if raw is None else "is empty (or only white space)"
                 raise ConfigError("environment", [(
-                    "sources.push.token_env",
-                    f"push is enabled but ${push.token_env} is not set",
+                    "sources.push.token_env", f"push is enabled but ${push.token_env} {why}",
                 )])
             self.push_token = token
 

@@ -107,6 +107,10 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
                 self._drain_and(404, {"error": f"no such endpoint: {path}"})
                 return
             code, body, replayed = self._push()
+            self._push_answer(code, body, replayed)
+
+        def _push_answer(self, code: int, body: dict[str, Any], replayed: bool = False
+                         ) -> None:
             h.count_push(code)
             extra = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
             if replayed:
@@ -117,39 +121,65 @@ def make_handler(h: Handlers) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             self._json(code, obj)
 
-        def _push(self) -> tuple[int, dict[str, Any], bool]:
-            if h.push is None:
+        def handle_expect_100(self) -> bool:
+            """``Expect: 100-continue``: the checks that need no body (path, token, length,
+            encoding, key) come first, so a client that fails them is not invited to send
+            its body: it gets the error instead of ``100 Continue``, and the connection
+            closes (its body, if it sends one anyway, is never read)."""
+            path = self.path.split("?", 1)[0]
+            if self.command != "POST":
+                return super().handle_expect_100()
+            if path != "/v1/events":
+                self._drain_and(404, {"error": f"no such endpoint: {path}"})
+                return False
+            refused = self._refuse_push()
+            if refused is not None:
+                self._push_answer(*refused)
+                return False
+            return super().handle_expect_100()
+
+        def _refuse_push(self) -> tuple[int, dict[str, Any]] | None:
+            """The answer to a push its headers alone refuse (closing the connection, whose
+            body is left unread), or None."""
+            err = self._check_push_headers()
+            if err is not None:
                 self.close_connection = True
-                return 404, {"error": "push is disabled (sources.push.enabled)"}, False
+            return err
+
+        def _check_push_headers(self) -> tuple[int, dict[str, Any]] | None:
+            if h.push is None:
+                return 404, {"error": "push is disabled (sources.push.enabled)"}
             if h.push_token is None or not check_token(self.headers.get("Authorization"),
                                                        h.push_token):
-                self.close_connection = True
-                return 401, {"error": "missing or wrong bearer token"}, False
+                return 401, {"error": "missing or wrong bearer token"}
             key = self.headers.get(IDEMPOTENCY_HEADER)
             if key is not None and not valid_idempotency_key(key):
-                self.close_connection = True
                 return 400, {"error": f"{IDEMPOTENCY_HEADER} must be 1-128 characters of "
-                                      "A-Z a-z 0-9 . _ : -"}, False
+                                      "A-Z a-z 0-9 . _ : -"}
             length_header = self.headers.get("Content-Length")
             if length_header is None:
-                self.close_connection = True
-                return 411, {"error": "Content-Length is required"}, False
-            try:
-                length = int(length_header)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                self.close_connection = True
-                return 400, {"error": "Content-Length is not a valid length"}, False
-            if length > h.max_body_bytes:
-                self.close_connection = True
+                return 411, {"error": "Content-Length is required"}
+            # 1*DIGIT (RFC 9110): int() would also take '+1', '1_0' or non-ASCII digits.
+            length_header = length_header.strip()
+            if not (length_header.isascii() and length_header.isdigit()):
+                return 400, {"error": "Content-Length is not a valid length"}
+            if int(length_header) > h.max_body_bytes:
                 return 413, {"error": f"body larger than {h.max_body_bytes} bytes "
-                                      "(sources.push.max_body_bytes)"}, False
+                                      "(sources.push.max_body_bytes)"}
             encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
             if encoding not in ("identity", "gzip", "x-gzip"):
-                self.close_connection = True
                 return 415, {"error": f"unsupported Content-Encoding {encoding!r} "
-                                      "(use gzip or none)"}, False
+                                      "(use gzip or none)"}
+            return None
+
+        def _push(self) -> tuple[int, dict[str, Any], bool]:
+            refused = self._refuse_push()
+            if refused is not None:
+                return (*refused, False)
+            assert h.push is not None  # _refuse_push answers 404 otherwise
+            length = int(self.headers["Content-Length"])
+            encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+            key = self.headers.get(IDEMPOTENCY_HEADER)
             body = self.rfile.read(length)
             if len(body) != length:
                 # The client went away mid-body: its last line may be cut anywhere.

@@ -1075,16 +1075,25 @@ def _check(value: float, name: str, low: float, high: float = math.inf) -> None:
 def _build_writers(cfg: Config, args: argparse.Namespace) -> Writers:
     events: EventSink | None = None
     if args.push:
-        token = os.environ.get(cfg.sources.push.token_env)
+        # Stripped as the exporter strips it (a secret mounted from a file ends with a newline).
+        token = (os.environ.get(cfg.sources.push.token_env) or "").strip() or None
         events = PushWriter(args.push, token, min(cfg.sources.push.max_body_bytes, 1 << 20))
     elif cfg.sources.event_logs:
         events = FileWriter(event_paths(cfg.sources.event_logs[0].path))
     tasks: TaskDbWriter | None = None
     db = cfg.sources.task_db
     if db is not None and not args.no_db:
-        url = os.environ.get(db.url_env) if db.url_env else None
+        # As the exporter reads it: $url_env if set and not empty, else url.
+        url = (os.environ.get(db.url_env) or "").strip() if db.url_env else ""
         try:
-            tasks = TaskDbWriter(url or db.url, db.table, db.columns)
+            if not url:
+                if db.url is None:
+                    raise ConfigError("environment", [(
+                        "sources.task_db.url_env",
+                        f"${db.url_env} is not set (or empty) and sources.task_db.url is not "
+                        "configured")])
+                url = db.url
+            tasks = TaskDbWriter(url, db.table, db.columns)
         except Exception:
             if events is not None:
                 events.close()

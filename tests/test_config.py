@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main as exporter_main
-from exporter.config import ConfigError, load_config, parse_config
+from exporter.config import ConfigError, TaskDbSource, load_config, parse_config
 from tests.helpers import config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,15 +243,17 @@ def test_listen_failure_names_the_key(tmp_path: Path,
 def test_task_db_url_from_environment_names_the_key(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         env: str | None, location: str, message: str) -> None:
-    """The URL in $url_env is checked at start (--check-config cannot see the environment):
-    a clean error naming the key, never a traceback, never the password."""
+    """The URL in $url_env is checked at start (--check-config does not read it): a clean
+    error naming the key, never a traceback, never the password. A set variable takes
+    priority over url, so a bad one is an error even with a url to fall back to."""
     if env is None:
         monkeypatch.delenv("AICRM_TEST_TASK_DB_URL", raising=False)
     else:
         monkeypatch.setenv("AICRM_TEST_TASK_DB_URL", env)
     p = tmp_path / "c.json"
     p.write_text(json.dumps(config_dict(
-        sources={"task_db": {"url": "sqlite:///unused.db", "url_env": "AICRM_TEST_TASK_DB_URL"}},
+        sources={"task_db": {"url_env": "AICRM_TEST_TASK_DB_URL"} if env is None else
+                 {"url": "sqlite:///unused.db", "url_env": "AICRM_TEST_TASK_DB_URL"}},
         exporter={"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "s")})))
     assert exporter_main(["--config", str(p)]) == 2
     err = capsys.readouterr().err
@@ -267,3 +269,188 @@ def test_bad_task_db_url_fails_check_config(tmp_path: Path,
     assert exporter_main(["--config", str(p), "--check-config"]) == 2
     err = capsys.readouterr().err
     assert "sources.task_db.url: not a valid SQLAlchemy URL" in err and "s3cret" not in err
+
+
+# --- sources.task_db.url_env instead of url -----------------------------------------------
+
+
+def _task_db(**settings: object) -> TaskDbSource:
+    return TaskDbSource.model_validate(settings)
+
+
+def test_task_db_url_env_replaces_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/task-db.md: url_env holds the URL *instead*: url is then optional, and a set,
+    non-empty variable takes priority over a url that is also given."""
+    from exporter.sources.taskdb import _resolve_url
+
+    cfg = parse_config(config_dict(sources={"task_db": {"url_env": "AICRM_TEST_TASK_DB_URL"}}))
+    assert cfg.sources.task_db is not None and cfg.sources.task_db.url is None
+    monkeypatch.setenv("AICRM_TEST_TASK_DB_URL", "postgresql://exporter:s3cret@db/crm\n")
+    assert _resolve_url(cfg.sources.task_db) == (
+        "postgresql://exporter:s3cret@db/crm", "sources.task_db.url_env")
+    both = _task_db(url="sqlite:///fallback.db", url_env="AICRM_TEST_TASK_DB_URL")
+    assert _resolve_url(both)[0] == "postgresql://exporter:s3cret@db/crm"
+    for unset in ("", " "):
+        monkeypatch.setenv("AICRM_TEST_TASK_DB_URL", unset)
+        assert _resolve_url(both) == (
+            "sqlite:///fallback.db", "sources.task_db.url")
+    monkeypatch.delenv("AICRM_TEST_TASK_DB_URL")
+    assert _resolve_url(both) == ("sqlite:///fallback.db", "sources.task_db.url")
+
+
+def test_task_db_docs_example_is_valid() -> None:
+    """The example of docs/task-db.md (url and url_env both set) is a valid task_db."""
+    text = (ROOT / "docs" / "task-db.md").read_text()
+    example = text.split('```json\n"task_db": ', 1)[1].split("```", 1)[0]
+    cfg = parse_config(config_dict(sources={"task_db": json.loads(example)}))
+    assert cfg.sources.task_db is not None and cfg.sources.task_db.url_env == "AICRM_TASK_DB_URL"
+
+
+@pytest.mark.parametrize(("settings", "location", "message"), [
+    ({"table": "tasks"}, "sources.task_db.url", "sources.task_db.url_env"),
+    ({"url_env": ""}, "sources.task_db.url_env", "environment variable name"),
+    ({"url_env": "HAS SPACE", "url": "sqlite:///x.db"}, "sources.task_db.url_env",
+     "environment variable name"),
+])
+def test_task_db_needs_url_or_url_env(settings: dict, location: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(config_dict(sources={"task_db": settings}), "config.json")
+    locs = dict(exc.value.errors)
+    assert location in locs and message in locs[location], exc.value.errors
+
+
+@pytest.mark.parametrize("value", [None, "", "  \n"])
+def test_task_db_url_env_unset_without_url_stops_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        value: str | None) -> None:
+    """--check-config does not read the variable (it may run where secrets are not); start
+    does, and stops naming the key and the variable."""
+    if value is None:
+        monkeypatch.delenv("AICRM_TEST_TASK_DB_URL", raising=False)
+    else:
+        monkeypatch.setenv("AICRM_TEST_TASK_DB_URL", value)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(
+        sources={"task_db": {"url_env": "AICRM_TEST_TASK_DB_URL"}},
+        exporter={"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "s")})))
+    assert exporter_main(["--config", str(p), "--check-config"]) == 0
+    capsys.readouterr()
+    assert exporter_main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "sources.task_db.url_env: $AICRM_TEST_TASK_DB_URL is not set" in err, err
+    assert "Traceback" not in err
+
+
+def test_task_db_url_env_unset_falls_back_to_url(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.runtime import Exporter
+
+    monkeypatch.delenv("AICRM_TEST_TASK_DB_URL", raising=False)
+    cfg = parse_config(config_dict(
+        sources={"task_db": {"url": f"sqlite:///{tmp_path / 'tasks.db'}",
+                             "url_env": "AICRM_TEST_TASK_DB_URL"}},
+        exporter={"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "s")}))
+    exporter = Exporter(cfg)
+    try:
+        assert exporter.taskdb is not None
+    finally:
+        exporter.server.httpd.server_close()
+        exporter.state_lock.release()
+
+
+# --- exporter.state_dir must be usable ------------------------------------------------------
+
+
+def test_state_dir_under_a_file_fails_check_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(exporter={"state_dir": "afile/state"})))
+    assert exporter_main(["--config", str(p), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "exporter.state_dir: " in err and "is not a directory" in err, err
+    assert str(tmp_path / "afile") in err and "Errno" not in err
+    p.write_text(json.dumps(config_dict(exporter={"state_dir": "afile"})))
+    assert exporter_main(["--config", str(p), "--check-config"]) == 2
+    assert "exporter.state_dir: " in capsys.readouterr().err
+
+
+def test_state_dir_check_creates_nothing(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(exporter={"state_dir": "data/state"})))
+    assert exporter_main(["--config", str(p), "--check-config"]) == 0
+    assert not (tmp_path / "data").exists()
+
+
+def test_state_dir_check_unit(tmp_path: Path) -> None:
+    from exporter.config import check_state_dir
+
+    assert check_state_dir(str(tmp_path / "new" / "deeper")) is None
+    assert check_state_dir(str(tmp_path)) is None
+    (tmp_path / "f").write_text("")
+    assert "is not a directory" in (check_state_dir(str(tmp_path / "f" / "x")) or "")
+    assert "is not a directory" in (check_state_dir(str(tmp_path / "f")) or "")
+
+
+# --- event_logs must not reach into the state directory ------------------------------------
+
+
+@pytest.mark.parametrize(("pattern", "state_dir", "refused"), [
+    ("state/push/*.jsonl", "state", True),
+    ("state/push/journal-1.jsonl", "state", True),
+    ("state/*", "state", True),
+    ("data/*/*.jsonl", "data/state", True),
+    ("data/*/*/*.jsonl", "data/state", True),
+    ("*/push/*.jsonl", "state", True),
+    ("data/st?te/push/*.jsonl", "data/state", True),
+    ("data/**/*.jsonl", "data/state", True),
+    ("data/[s]tate/x", "data/state", True),
+    ("./state/../state/push/*.jsonl", "state", True),
+    ("data/events/*.jsonl", "data/state", False),
+    ("data/*.jsonl", "data/state", False),
+    ("data/*", "data/state", False),
+    ("data/e*/*.jsonl", "data/state", False),
+    ("logs/*/*.jsonl", "data/state", False),
+    ("*/*.jsonl", "data/state/x", False),
+    ("*/*.jsonl", ".state", False),  # glob's * does not match a hidden name
+])
+def test_event_log_glob_into_state_dir_is_refused(
+        tmp_path: Path, pattern: str, state_dir: str, refused: bool) -> None:
+    """Journal segments or state files read as a log source would be counted twice, rejected
+    and never released: a glob that can match a path inside exporter.state_dir is an error."""
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(
+        sources={"event_logs": [{"name": "ok", "path": "elsewhere/*.jsonl"},
+                                {"name": "logs", "path": pattern}]},
+        exporter={"state_dir": state_dir})))
+    if not refused:
+        load_config(p)
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    locs = dict(exc.value.errors)
+    assert list(locs) == ["sources.event_logs[1].path"], exc.value.errors
+    assert "exporter.state_dir" in locs["sources.event_logs[1].path"]
+
+
+def test_event_log_glob_into_state_dir_through_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "data" / "state").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(
+        sources={"event_logs": [{"name": "logs", "path": "link/state/push/*.jsonl"}]},
+        exporter={"state_dir": "data/state"})))
+    with pytest.raises(ConfigError, match=r"sources\.event_logs\[0\]\.path"):
+        load_config(p)
+
+
+def test_event_log_glob_into_state_dir_fails_check_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(config_dict(
+        sources={"event_logs": [{"name": "logs", "path": "st3/push/*.jsonl"}],
+                 "push": {"enabled": True, "token_env": "TOK"}},
+        exporter={"state_dir": "st3"})))
+    assert exporter_main(["--config", str(p), "--check-config"]) == 2
+    assert "sources.event_logs[0].path: " in capsys.readouterr().err

@@ -176,6 +176,95 @@ def test_other_authorization_schemes_are_401(exp: Running) -> None:
     assert r.status_code == 401
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
+def test_the_bearer_scheme_is_case_insensitive(exp: Running, scheme: str) -> None:
+    """RFC 7235: an auth-scheme is a case-insensitive token."""
+    r = exp.push(batch(1), token=None, headers={"Authorization": f"{scheme} {TOKEN}"})
+    assert r.status_code == 200, r.text
+
+
+def test_a_token_variable_with_a_trailing_newline_is_stripped(
+        start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token mounted from a file usually ends with a newline; clients send it without."""
+    monkeypatch.setenv(TOKEN_ENV, f"  {TOKEN}\n")
+    exp = start()
+    assert exp.push(batch(1)).status_code == 200
+    assert exp.push(batch(1), token=TOKEN[:-1]).status_code == 401
+
+
+@pytest.mark.parametrize("value", ["", " ", "\n", " \t\r\n"])
+def test_an_empty_token_variable_stops_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(TOKEN_ENV, value)
+    with pytest.raises(ConfigError, match=rf"sources\.push\.token_env: .*\${TOKEN_ENV} is "
+                                          "empty"):
+        Exporter(parse_config(config(tmp_path / "state")))
+
+
+def expect_100(port: int, headers: dict[str, str], body: bytes = b"",
+               send_body: bool = True) -> tuple[bytes, bytes]:
+    """A request with ``Expect: 100-continue`` on a plain socket: (the first answer's head,
+    whatever follows until the server closes), sending the body only after a 100."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n{head}"
+                  "\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
+            data += chunk
+        first, _, rest = data.partition(b"\r\n\r\n")
+        if first.startswith(b"HTTP/1.1 100") and send_body:
+            s.sendall(body)
+            s.shutdown(socket.SHUT_WR)
+        while chunk := s.recv(65536):
+            rest += chunk
+    return first, rest
+
+
+@pytest.mark.parametrize(("headers", "code"), [
+    ({"Content-Length": "5000000"}, 401),
+    ({"Content-Length": "5000000", "Authorization": "Bearer wrong-token"}, 401),
+    ({"Content-Length": "100", "Authorization": f"Basic {TOKEN}"}, 401),
+    ({"Content-Length": str(MAX_BODY + 1), "Authorization": f"Bearer {TOKEN}"}, 413),
+    ({"Authorization": f"Bearer {TOKEN}"}, 411),
+    ({"Content-Length": "100", "Authorization": f"Bearer {TOKEN}",
+      "Content-Encoding": "br"}, 415),
+    ({"Content-Length": "100", "Authorization": f"Bearer {TOKEN}",
+      "Idempotency-Key": "has space"}, 400),
+])
+def test_expect_100_continue_is_refused_before_the_body(
+        exp: Running, tmp_path: Path, headers: dict[str, str], code: int) -> None:
+    """The checks that need no body come before ``100 Continue``: an unauthenticated client
+    is not invited to upload max_body_bytes, it gets its error and the connection closes."""
+    first, rest = expect_100(exp.exporter.port, headers, send_body=False)
+    assert first.split(b"\r\n", 1)[0].startswith(f"HTTP/1.1 {code} ".encode()), first
+    assert b"100 Continue" not in first + rest
+    if code == 401:
+        assert b"WWW-Authenticate: Bearer" in first
+    time.sleep(0.1)
+    assert journal_lines(tmp_path / "state") == []
+    assert exp.requests_by_code(code) == 1
+
+
+def test_expect_100_continue_with_a_good_request_continues(exp: Running) -> None:
+    body = batch(2)
+    first, rest = expect_100(exp.exporter.port, {
+        "Authorization": f"Bearer {TOKEN}", "Content-Length": str(len(body)),
+        "Connection": "close"}, body)
+    assert first.startswith(b"HTTP/1.1 100 Continue"), first
+    assert rest.startswith(b"HTTP/1.1 200 "), rest
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["accepted"] == 2
+
+
+@pytest.mark.parametrize("length", ["1_0", "+10", "0x10", "-0"])
+def test_a_content_length_that_is_not_digits_is_400(exp: Running, length: str) -> None:
+    """int() accepts '1_0', '+10' and other digits; HTTP's Content-Length is 1*DIGIT."""
+    head = (f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode()
+    code, answer = raw_request(exp.exporter.port, head, batch(1)[:10])
+    assert code == 400 and "Content-Length" in answer["error"]
+
+
 def test_push_disabled_is_404(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     cfg = parse_config(config(tmp_path / "state", enabled=False))

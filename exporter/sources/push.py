@@ -284,10 +284,12 @@ class Journal:
 
 
 def check_token(header: str | None, token: str) -> bool:
-    """``Authorization: Bearer <token>``, compared in constant time."""
-    if not header or not header.startswith("Bearer "):
+    """``Authorization: Bearer <token>``, compared in constant time; the scheme is
+    case-insensitive (RFC 7235: ``bearer <token>`` is the same)."""
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+    return hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
 def ingest_batch(body: bytes, journal: Journal, sink: RejectSink, *,

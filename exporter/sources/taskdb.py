@@ -449,16 +449,24 @@ def _message(exc: BaseException) -> str:
 
 
 def _resolve_url(settings: TaskDbSource) -> tuple[str, str]:
-    """(url, the config key it came from); ConfigError if the environment lacks it."""
+    """(url, the config key it came from): ``$url_env`` if set and not empty (surrounding
+    white space, such as the newline of a secret mounted from a file, stripped), else ``url``;
+    ConfigError if neither gives one. Never quotes the URL (it may hold a password)."""
     if settings.url_env:
         loc = "sources.task_db.url_env"
-        url = os.environ.get(settings.url_env)
-        if not url:
-            raise ConfigError("environment", [(loc, f"${settings.url_env} is not set")])
-        try:
-            return check_db_url(url), loc
-        except ValueError as exc:
-            raise ConfigError("environment", [(loc, f"${settings.url_env}: {exc}")]) from None
+        url = (os.environ.get(settings.url_env) or "").strip()
+        if url:
+            try:
+                return check_db_url(url), loc
+            except ValueError as exc:
+                raise ConfigError("environment", [(loc, f"${settings.url_env}: {exc}")]) from None
+        if settings.url is None:
+            raise ConfigError("environment", [(loc, (
+                f"${settings.url_env} is not set (or empty) and sources.task_db.url, the "
+                "fallback, is not configured"))])
+        log.info("$%s is not set: using sources.task_db.url", settings.url_env)
+    if settings.url is None:  # the config's validation requires url or url_env
+        raise ConfigError("config", [("sources.task_db.url", "Field required")])
     return settings.url, "sources.task_db.url"
 
 
