@@ -30,11 +30,16 @@ same alert differ between backends."""
 
 
 def _change(fields: dict[str, list[Sample]], name: str, unit: str) -> dict[str, Any]:
-    def v(part: str) -> float | None:
-        return first(fields.get(f"{name}.{part}"))
-
-    return {"value": v("value"), "unit": unit, "previous": v("previous"),
-            "change": v("change"), "change_ratio": v("change_ratio")}
+    """A number over the window, over the one before it, the difference and the difference
+    relative to the previous value (null where either is null, or the previous is 0)."""
+    value = first(fields.get(f"{name}.value"))
+    previous = first(fields.get(f"{name}.previous"))
+    change = ratio = None
+    if value is not None and previous is not None:
+        change = value - previous
+        ratio = change / previous if previous != 0 else None
+    return {"value": value, "unit": unit, "previous": previous, "change": change,
+            "change_ratio": ratio}
 
 
 def _users(fields: dict[str, list[Sample]]) -> dict[str, Any]:

@@ -4,18 +4,18 @@ A window W (1m..30d) is answered from the rates the rules record at 5m, 1h and, 
 series, 1d ("bases"):
 
 - W equal to a base: the recorded series itself (the number Grafana and alerts show);
-- otherwise ``avg_over_time(series[W])``, the mean of the recorded rate over W, as the SLO rules
-  do for 30m..6h, from the longest base b with 12 b <= W (the shortest one if none is). That
-  mean weighs what happened in the last b (and the b before W) partly, so b is kept at most a
-  twelfth of W: a change in the last hour of a 90-minute window is not averaged away as it is
-  with the 1h rates. A series is read at most W / (its rule interval) times: 1,440 samples below
-  12h (5m rates every 30s), 17,280 below 12d (1h rates every minute), 8,640 at 30d where a 1d
-  rate is recorded (every 5 minutes), 43,200 where only 1h is;
+- otherwise the mean of the recorded rate over W (``window_mean``: the rate counts as 0 where it
+  was not recorded), from the longest base b with 12 b <= W (the shortest one if none is).
+  That mean weighs what happened in the last b (and the b
+  before W) partly, so b is kept at most a twelfth of W: a change in the last hour of a
+  90-minute window is not averaged away as it is with the 1h rates. A series is sampled at
+  most 1,440 times (``step_for``);
 - W shorter than every base (1m..4m; under 1h for a family recorded at 1h and 1d): the shortest
   base's rate, and the window before it is that base's length back, not W, so the two do not
   overlap.
 
-Counts are mean rate x W seconds; ratios are ratios of mean rates (never means of ratios);
+Counts are mean rate x W seconds (a window reaching back before the data counts only what the
+data holds); ratios are ratios of mean rates (never means of ratios);
 percentiles are ``histogram_quantile`` of the mean recorded bucket rates. The task database's
 recorded series drop the ``agent`` label, so with an ``agent`` filter /task-completion applies the
 rules' own expression to the raw counters as a subquery (same bases, same arithmetic).
@@ -78,6 +78,28 @@ def _offset(offset: int, window: int, base: str) -> int:
     return max(offset, BASES[base]) if offset and window < BASES[base] else offset
 
 
+def step_for(base: str, window: int) -> int:
+    """Subquery step for a recorded rate over ``window``: the rules' shortest interval for the
+    base, coarsened in whole intervals so that the window has at most MAX_SAMPLES points. The
+    step stays under the base (W <= 30d), so the points sample the recorded moving rate finely
+    enough for their sum to stand for its integral."""
+    interval = INTERVALS[base]
+    return interval * -(-window // (MAX_SAMPLES * interval))
+
+
+def window_mean(inner: str, window: int, step: int, offset: int = 0) -> str:
+    """Mean per-second rate over the window ending ``offset`` seconds ago, where a series counts
+    as 0 at every point it did not exist: the sum of its values at the subquery's points over the
+    number of points (``vector(1)`` has one at each). ``avg_over_time`` would average only the
+    points a series has, so a series that began an hour into a 30-day window (a new agent, a
+    new status, a fresh Prometheus) would have that hour's rate stand for the whole month, and
+    its count (mean x W) would be multiplied by up to 720."""
+    rng = f"[{duration(window)}:{duration(step)}]"
+    if offset:
+        rng += f" offset {duration(offset)}"
+    return f"(sum_over_time({inner}{rng}) / scalar(count_over_time(vector(1){rng})))"
+
+
 @dataclass(frozen=True)
 class Recorded:
     """A per-second rate recorded by the rules at one or more bases."""
@@ -92,10 +114,9 @@ class Recorded:
         b = self.base(window)
         sel = selector(self.names[b], matchers)
         offset = _offset(offset, window, b)
-        off = f" offset {duration(offset)}" if offset else ""
         if window <= BASES[b]:
-            return f"{sel}{off}"
-        return f"avg_over_time({sel}[{duration(window)}]{off})"
+            return f"{sel} offset {duration(offset)}" if offset else sel
+        return window_mean(sel, window, step_for(b, window), offset)
 
 
 @dataclass(frozen=True)
@@ -117,7 +138,7 @@ class Raw:
         if window <= BASES[b]:
             return rate
         step = INTERVALS[b] if window // INTERVALS[b] <= MAX_SAMPLES else BASES[b]
-        return f"avg_over_time(({rate})[{duration(window)}:{duration(step)}])"
+        return window_mean(f"({rate})", window, step)
 
 
 # --- families ----------------------------------------------------------------------------
@@ -364,10 +385,12 @@ def _kpi(name: str, window: int, offset: int) -> str:
 
 
 def _changes(q: Query, name: str, current: str, previous: str) -> None:
+    """The number over the window and over the one before it. Their difference and its ratio
+    to the previous value are taken from these two (api/executive.py), not sent as fields of
+    their own: each would repeat both expressions, tripling the query (over VictoriaMetrics'
+    16 kB default limit at windows longer than a base) and its evaluation."""
     q.add(f"{name}.value", current)
     q.add(f"{name}.previous", previous)
-    q.add(f"{name}.change", f"({current}) - ({previous})")
-    q.add(f"{name}.change_ratio", f"(({current}) - ({previous})) / (({previous}) != 0)")
 
 
 USERS: dict[str, str] = {"interactions": "interactions", "approval_ratio": "ratio"}

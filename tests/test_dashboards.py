@@ -838,7 +838,7 @@ def test_executive_ratios_are_total_over_total(tmp_path: Path, title: str) -> No
     (panel,) = (p for p in panels(DASHBOARDS["executive"]) if p["title"] == title)
     (expr,) = (t["expr"] for t in panel["targets"] if t["refId"] == "A")
     promql = substitute(expr, variable_names(DASHBOARDS["executive"]),
-                        {"__range": "2h", "__range_s": "7200"})
+                        {"__range": "2h", "__range_s": "7200", "__interval": "1m"})
     (num, num_busy, num_quiet), (den, den_busy, den_quiet) = UNEVEN_HOURS[title]
     # One sample a minute from 1m to 120m: the 2h range at 120m holds all of them.
     series = {num: (num_busy, num_quiet), den: (den_busy, den_quiet)}
@@ -858,6 +858,41 @@ def test_executive_ratios_are_total_over_total(tmp_path: Path, title: str) -> No
             "promql_expr_test": [{
                 "expr": f"abs(({promql}) - {expected!r}) < bool 1e-9",
                 "eval_time": "120m",
+                "exp_samples": [{"value": 1}],
+            }],
+        }],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test), encoding="utf-8")
+    proc = subprocess.run(
+        [servers.require_binary("promtool"), "test", "rules", "test.yml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_executive_totals_count_only_where_the_rate_was_recorded(tmp_path: Path) -> None:
+    """A rate recorded for the last 30 minutes of a 2-hour range (a new Prometheus) counts
+    those 30 minutes, not its mean over them times 2 hours (7,200: a quarter of an hour's
+    tasks read as two hours')."""
+    (panel,) = (p for p in panels(DASHBOARDS["executive"]) if p["title"] == "Tasks automated")
+    assert panel["maxDataPoints"] >= 10_000  # so $__interval stays under the rates' hour
+    (expr,) = (t["expr"] for t in panel["targets"] if t["refId"] == "A")
+    promql = substitute(expr, variable_names(DASHBOARDS["executive"]),
+                        {"__range": "2h", "__range_s": "7200", "__interval": "1m"})
+    (tmp_path / "none.yml").write_text("groups: []\n", encoding="utf-8")
+    # One task a second, recorded each minute from 91m to 120m; the range ends at 120m30s, so
+    # its 120 one-minute points are 1m..120m.
+    values = " ".join(["_"] * 91 + ["1"] * 30)
+    test = {
+        "rule_files": ["none.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": "global:aicrm_tasks_completed:rate1h",
+                              "values": values}],
+            "promql_expr_test": [{
+                "expr": f"abs(({promql}) - 1800) < bool 1e-9",
+                "eval_time": "7230s",
                 "exp_samples": [{"value": 1}],
             }],
         }],

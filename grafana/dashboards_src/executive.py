@@ -2,7 +2,8 @@
 
 Every figure covers the dashboard's time range and is compared with the range just before
 it (same length), so "last 7 days" reads against the 7 days before. Totals are the range's
-mean of the recorded 1h rates times its length. Ratios are the range mean of the recorded
+mean of the recorded 1h rates times its length, a rate counting as 0 where it was not
+recorded. Ratios are the range mean of the recorded
 numerator rate over that of the denominator (total over total), never the mean of hourly
 ratios, which would weigh a quiet hour as much as a busy one.
 """
@@ -19,15 +20,30 @@ from grafana import common as c
 AG = 'agent=~"$agent"'
 
 
-def _over_range(series: str | tuple[str, str], total: bool, previous: bool = False) -> str:
+POINTS = 10_000
+"""maxDataPoints of the headline panels: Grafana's ``$__interval`` is the range over this (at
+least the data source's scrape interval), the step at which a rate is summed over the range:
+4.3 minutes over 30 days, 53 minutes over a year, finer than the hour the recorded rates move
+over, so the points' sum stands for the rate's integral."""
+
+
+def _over_range(series: str | tuple[str, str], total: bool, previous: bool = False,
+                rate: bool = True) -> str:
     """The range's mean of a recorded rate (times the range's length if ``total``), or for a
     (numerator, denominator) pair the ratio of their means; no value where the denominator
-    was zero throughout."""
+    was zero throughout. A rate counts as 0 where it was not recorded (the sum of its points
+    over the number of points, ``vector(1)`` having one at each), as in the API
+    (api/queries.py): an average of the points it has would let the first day of a new
+    Prometheus stand for the whole of a 30-day range. A score (``rate=False``) is no rate:
+    where it was not computed it has no value, and its mean is that of the points it has."""
     if isinstance(series, tuple):
         numerator, denominator = (_over_range(s, False, previous) for s in series)
         return f"{numerator} / ({denominator} > 0)"
     offset = " offset $__range" if previous else ""
-    expr = f"avg_over_time({series}[$__range]{offset})"
+    if not rate:
+        return f"avg_over_time({series}[$__range]{offset})"
+    rng = f"[$__range:$__interval]{offset}"
+    expr = f"(sum_over_time({series}{rng}) / scalar(count_over_time(vector(1){rng})))"
     return f"{expr} * $__range_s" if total else expr
 
 
@@ -42,11 +58,12 @@ def _kpi(
     scale: str = "",
     limit: str = "",
     above_is_bad: bool = False,
+    rate: bool = True,
 ) -> stat.Panel:
     """A headline number for the range, its change against the previous range, and
     (with limit) its colour against a config.json threshold or objective."""
-    current = _over_range(series, total) + scale
-    previous = _over_range(series, total, previous=True) + scale
+    current = _over_range(series, total, rate=rate) + scale
+    previous = _over_range(series, total, previous=True, rate=rate) + scale
     if relative:
         change, change_unit = f"({current}) / (({previous}) > 0) - 1", c.RATIO
         change_text = "relative change"
@@ -66,6 +83,7 @@ def _kpi(
             height=5,
         )
         .graph_mode(common.BigValueGraphMode.NONE)
+        .max_data_points(POINTS)
         .override_by_query("B", c.change_override(change_unit))
     )
     if limit:
@@ -128,6 +146,7 @@ def efficiency_score() -> stat.Panel:
         c.SCORE,
         "global:aicrm_workflow_efficiency:score1h",
         relative=False,
+        rate=False,
     )
 
 
@@ -138,6 +157,7 @@ def health_score() -> stat.Panel:
         c.SCORE,
         "global:aicrm_system_health:score",
         relative=False,
+        rate=False,
     )
 
 

@@ -31,19 +31,26 @@ def test_every_series_read_is_recorded() -> None:
     assert used - _recorded() == set()
 
 
+def zero_filled(inner: str, rng: str) -> str:
+    """A window's mean rate in which a series counts as 0 where it has no point: the sum of its
+    points over the subquery's number of points."""
+    return f"(sum_over_time({inner}{rng}) / scalar(count_over_time(vector(1){rng})))"
+
+
 @pytest.mark.parametrize(
     ("window", "expected"),
     [
         (60, "task_type_status:aicrm_tasks:rate5m"),
         (300, "task_type_status:aicrm_tasks:rate5m"),
-        (600, "avg_over_time(task_type_status:aicrm_tasks:rate5m[600s])"),
+        (600, zero_filled("task_type_status:aicrm_tasks:rate5m", "[600s:30s]")),
         (3600, "task_type_status:aicrm_tasks:rate1h"),
         # Longer than a base but not twelve of them: the 5m rates, so the last hour of 90
         # minutes is not blurred by a 1h rate.
-        (5400, "avg_over_time(task_type_status:aicrm_tasks:rate5m[5400s])"),
-        (11 * 3600, "avg_over_time(task_type_status:aicrm_tasks:rate5m[39600s])"),
-        (12 * 3600, "avg_over_time(task_type_status:aicrm_tasks:rate1h[43200s])"),
-        (30 * 86400, "avg_over_time(task_type_status:aicrm_tasks:rate1h[2592000s])"),
+        (5400, zero_filled("task_type_status:aicrm_tasks:rate5m", "[5400s:30s]")),
+        (11 * 3600, zero_filled("task_type_status:aicrm_tasks:rate5m", "[39600s:30s]")),
+        (12 * 3600, zero_filled("task_type_status:aicrm_tasks:rate1h", "[43200s:60s]")),
+        # 43,200 one-minute points would be read: every 30 minutes instead, 1,440 points.
+        (30 * 86400, zero_filled("task_type_status:aicrm_tasks:rate1h", "[2592000s:1800s]")),
     ],
 )
 def test_bases(window: int, expected: str) -> None:
@@ -52,10 +59,10 @@ def test_bases(window: int, expected: str) -> None:
 
 def test_offsets_and_1d_bases() -> None:
     assert (queries.SPEND.mean(2 * 86400, (), offset=2 * 86400)
-            == "avg_over_time(agent:aicrm_agent_cost_usd:rate1h[172800s] offset 172800s)")
+            == zero_filled("agent:aicrm_agent_cost_usd:rate1h", "[172800s:120s] offset 172800s"))
     assert queries.SPEND.mean(86400) == "agent:aicrm_agent_cost_usd:rate1d"
     assert (queries.SPEND.mean(30 * 86400)
-            == "avg_over_time(agent:aicrm_agent_cost_usd:rate1d[2592000s])")
+            == zero_filled("agent:aicrm_agent_cost_usd:rate1d", "[2592000s:1800s]"))
     assert queries.G_SAVED.mean(60) == "global:aicrm_task_human_seconds_saved:rate1h"
 
 
@@ -66,14 +73,13 @@ def test_the_window_before_a_short_one_does_not_overlap_it() -> None:
     assert (queries.G_SAVED.mean(1800, (), offset=1800)
             == "global:aicrm_task_human_seconds_saved:rate1h offset 3600s")
     assert (queries.G_COMPLETED.mean(600, (), offset=600)
-            == "avg_over_time(global:aicrm_tasks_completed:rate5m[600s] offset 600s)")
+            == zero_filled("global:aicrm_tasks_completed:rate5m", "[600s:30s] offset 600s"))
 
 
 def test_raw_families_use_subqueries() -> None:
-    assert queries.RAW_TASKS.mean(600, ['agent="a"']) == (
-        'avg_over_time((sum by (task_type, status) (rate(aicrm_tasks_total{agent="a"}[5m])))'
-        "[600s:30s])")
-    assert queries.RAW_TASKS.mean(30 * 86400).endswith("[2592000s:3600s])")
+    assert queries.RAW_TASKS.mean(600, ['agent="a"']) == zero_filled(
+        '(sum by (task_type, status) (rate(aicrm_tasks_total{agent="a"}[5m])))', "[600s:30s]")
+    assert queries.RAW_TASKS.mean(30 * 86400).endswith("(vector(1)[2592000s:3600s])))")
 
 
 def test_matcher_quotes() -> None:
