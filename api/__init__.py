@@ -19,7 +19,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from exporter.config import Config, ConfigError, load_config, parse_config
 
-from . import errors, observability
+from . import errors, observability, validation
 from .cache import RedisCache, ResponseCache, cache_key, make_cache
 from .common import CACHE_PREFETCH, SERVICES, Services, is_cached
 from .hits import ADMISSION, Admission, CachedHits, CachedRoute
@@ -73,6 +73,7 @@ def create_app(
         raise ConfigError("config", [("api.rate_limit", str(exc))]) from None
 
     app = Flask(__name__, static_folder=None)
+    app.request_class = validation.Request
     keys = KeyChecker(keys_from_env(cfg.api.api_keys_env) if api_keys is None else api_keys)
     logger = observability.configure_logging(app, keys.secrets)
     if not keys.configured:
@@ -148,7 +149,10 @@ def create_app(
             prefetch = None
             if (prefetch_cache and cfg.api.cache_ttl_seconds > 0
                     and is_cached(app.view_functions.get(endpoint))):
-                prefetch = cache_key(request.path, request.args.items(multi=True))
+                try:
+                    prefetch = cache_key(request.path, request.args.items(multi=True))
+                except errors.InvalidQueryString:
+                    prefetch = None  # counted all the same; the view answers the 400
             state, body = limiter.hit(client, prefetch)
         if state is None:
             return
@@ -168,10 +172,18 @@ def create_app(
 
     if cfg.api.cors_origins:
         # Without an allow-list no response carries CORS headers, so the extension (a hook
-        # on every response) is not installed at all.
+        # on every response) is not installed at all. A request without Origin asked no CORS
+        # question and gets no CORS headers (always_send=False), on the cache-hit path too;
+        # every response says Vary: Origin, as its CORS headers depend on that header, so a
+        # cache in between never gives one origin's answer to another (or to no origin).
         CORS(app, origins=list(cfg.api.cors_origins), methods=["GET", "OPTIONS"],
              allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600,
-             supports_credentials=False)
+             supports_credentials=False, always_send=False, vary_header=False)
+
+        @app.after_request
+        def _vary_origin(response: Response) -> Response:
+            response.vary.add("Origin")
+            return response
 
     from . import agents, executive, export, health, tasks
 

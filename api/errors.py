@@ -41,6 +41,16 @@ class InvalidParameter(ApiError):
         super().__init__(f"{parameter}: {message}", parameter=parameter)
 
 
+class InvalidQueryString(ApiError):
+    """Raw bytes in the query string that are not UTF-8 (400): no parameter can be read."""
+
+    code = "invalid_query_string"
+
+    def __init__(self) -> None:
+        super().__init__("the query string is not UTF-8: percent-encode its non-ASCII "
+                         "characters as UTF-8 bytes (%C3%A9 for \u00e9)")
+
+
 def error_body(status: int, code: str, message: str, parameter: str | None = None) -> bytes:
     err: dict[str, Any] = {"status": status, "code": code, "message": message}
     if parameter is not None:

@@ -1,9 +1,14 @@
 """GET /export: range data of one recorded dataset as CSV or JSON, streamed, bounded in size.
 
-The bound is checked before the range query (steps per series, from start/end/step; then series
-times steps, the series counted by an instant ``count()`` at the range's end) and after it (all
-points of all series, for series the count missed), so a response never exceeds
-``api.export_max_points`` and a request far over it is refused before any range data is loaded.
+The range ends at now at the latest: the backend has no data after now (a range query would
+repeat each series' last sample for its lookback of five minutes, then answer nothing), and
+the series counted at a later end would be none. The JSON head reports the effective end; a
+range wholly after now has no points. The bound is checked before the range query (steps per
+series, from start/end/step; then series times steps, the series counted by an instant
+``count()`` at the range's effective end) and after it (all points of all series, for series
+the count missed), so a response never exceeds ``api.export_max_points`` and a request far
+over it is refused before any range data is loaded. The step is to the millisecond, as the
+backend's (validation.step rounds it), so the step reported is the one the points are apart.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def export() -> Response:
         raise InvalidParameter("end", "must not be before start")
     if end - start > MAX_RANGE_SECONDS:
         raise InvalidParameter("start", "the range must not exceed 31d")
+    # No data after now: the range ends there at the latest (and is empty if it starts later).
+    end = max(start, min(end, now))
     max_points = services().config.api.export_max_points
     steps = int((end - start) // step) + 1
     if steps > min(max_points, validation.MAX_POINTS_PER_SERIES):
@@ -74,16 +81,19 @@ def export() -> Response:
     ds = queries.DATASETS[name]
     prometheus = services().prometheus
     expr = ds.expr()
-    # The number of series at the range's end, before any point is downloaded: a range answer
-    # over the bound would otherwise be held and decoded whole (tens of MB) just to refuse it.
-    counted = prometheus.query(f"count({expr})", end)
-    n_series = int(counted[0].value or 0) if counted else 0
-    if n_series * steps > max_points:
-        raise InvalidParameter("step", f"{n_series} series x {steps} steps = "
-                                       f"{n_series * steps} points, more than "
-                                       f"export_max_points ({max_points}): use a larger step "
-                                       "or a shorter range")
-    series = prometheus.query_range(expr, start, end, step)
+    series: list[RangeSeries] = []
+    if start <= now:
+        # The number of series at the range's end, before any point is downloaded: a range
+        # answer over the bound would otherwise be held and decoded whole (tens of MB) just to
+        # refuse it.
+        counted = prometheus.query(f"count({expr})", end)
+        n_series = int(counted[0].value or 0) if counted else 0
+        if n_series * steps > max_points:
+            raise InvalidParameter("step", f"{n_series} series x {steps} steps = "
+                                           f"{n_series * steps} points, more than "
+                                           f"export_max_points ({max_points}): use a larger "
+                                           "step or a shorter range")
+        series = prometheus.query_range(expr, start, end, step)
     series.sort(key=lambda s: [s.labels.get(k, "") for k in ds.labels])
     # Series that ended inside the range are not in the count: the bound again, on the answer.
     total = sum(len(s.points) for s in series)

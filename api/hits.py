@@ -98,6 +98,9 @@ class CachedHits:
         """The limiter's call returns the stored body itself (Redis for both)."""
         self.metrics = metrics
         self.cors = cors
+        self.extra_headers = [("Vary", "Origin")] if cors else []
+        """What Flask adds to the same answer: with CORS configured, ``Vary: Origin`` (and
+        no CORS headers, as a request with an Origin never gets here)."""
         self.logger = logger
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -117,7 +120,8 @@ class CachedHits:
         body, state = answer
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                    ("X-Cache", "HIT"), *state.headers().items(),
-                   (REQUEST_ID_HEADER, request_id_from(environ.get("HTTP_X_REQUEST_ID")))]
+                   (REQUEST_ID_HEADER, request_id_from(environ.get("HTTP_X_REQUEST_ID"))),
+                   *self.extra_headers]
         start_response("200 OK", headers)
         self.metrics.cache.labels("hit").inc()
         self.metrics.observe(route.rule, "GET", 200, time.perf_counter() - started)
@@ -134,7 +138,14 @@ class CachedHits:
             return None
         else:
             client = f"addr:{environ.get('REMOTE_ADDR') or 'unknown'}"
-        ck = cache_key(request_path(environ), request_args(environ))
+        try:
+            ck = cache_key(request_path(environ), request_args(environ))
+        except UnicodeDecodeError:
+            # Raw bytes in the query string that are not UTF-8: counted here, and Flask's
+            # request.args fails alike and answers the 400.
+            state, _ = self.limiter.hit(client)
+            environ[ADMISSION] = Admission(state, None, None)
+            return None
         state, body = self.limiter.hit(client, ck if self.prefetch else None)
         if state is not None and not state.exceeded and not self.prefetch:
             body = self.cache.get(ck)

@@ -41,10 +41,13 @@ def _label(name: str, what: str) -> dict[str, Any]:
 _TIME = {"type": "string", "maxLength": 40,
          "description": "RFC 3339 date-time with offset, or Unix seconds"}
 _ERRORS = {
-    "400": "A parameter is invalid; `error.parameter` names it.",
+    "400": "A parameter is invalid; `error.parameter` names it (code `invalid_query_string`, "
+           "without `parameter`: the query string has raw bytes that are not UTF-8).",
     "401": "An API key is required or the one given is wrong.",
     "429": "Rate limit exceeded; see Retry-After.",
-    "502": "The metrics backend rejected the query.",
+    "502": "The metrics backend rejected the query, answered in a shape that is not the "
+           "Prometheus API's, or has no Prometheus API (HTTP 404 from it: check "
+           "api.prometheus_url).",
     "503": "The metrics backend is unreachable or failing.",
     "504": "The metrics backend did not answer in time.",
 }
@@ -144,8 +147,12 @@ def build() -> dict[str, Any]:
         "series_name": {"type": "string"},
         "unit": {"type": "string"},
         "start": {"type": "string", "format": "date-time"},
-        "end": {"type": "string", "format": "date-time"},
-        "step": {"type": "number"},
+        "end": {"type": "string", "format": "date-time",
+                "description": "The range's effective end: the end asked for, or now if that "
+                               "is later (the backend has no data after now)."},
+        "step": {"type": "number",
+                 "description": "Seconds between points: the step asked for, to the "
+                                "millisecond."},
         "series": {"type": "array", "items": _object({
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
             "points": {"type": "array", "items": {
@@ -217,8 +224,10 @@ def build() -> dict[str, Any]:
                            {"type": "string", "enum": list(validation.EXPORT_FORMATS),
                             "default": "csv"}),
                     _param("start", "Range start (default: end - 1h).", _TIME),
-                    _param("end", "Range end (default: now).", _TIME),
-                    _param("step", "Resolution: seconds or a duration, 1s to 1d (default 60).",
+                    _param("end", "Range end (default: now; a later end is taken as now, as the "
+                                  "backend has no data after now).", _TIME),
+                    _param("step", "Resolution: seconds or a duration, 1s to 1d (default 60), "
+                                   "rounded to the millisecond.",
                            {"type": "string", "maxLength": 16}),
                 ],
                 "responses": {"200": {

@@ -1,7 +1,9 @@
 """A small client for the Prometheus HTTP API (also spoken by VictoriaMetrics, Thanos, Mimir).
 
 It only moves queries and results; failures become the API's errors: backend unreachable
-or failing is 503, too slow is 504, so a client can tell "retry later" from "ask less".
+or failing is 503, too slow is 504, so a client can tell "retry later" from "ask less"; a
+backend that rejects a query, answers malformed or has no Prometheus API at the configured URL
+is 502 (never its own 404, which would tell the client that the API's path does not exist).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class BackendError(ApiError):
 
     status = 502
     code = "backend_error"
+
+
+class BackendNotFound(BackendError):
+    """The backend answered 404: no such API at api.prometheus_url (a wrong path prefix, or no
+    Prometheus API at all). A 502 like any incompatible backend; alerts() tells it apart, as
+    backends without an alerts API (VictoriaMetrics without a vmalert proxy) answer 404 there."""
 
 
 # msgspec structs rather than frozen dataclasses: an answer makes one per series, and a struct is
@@ -78,6 +86,32 @@ class _VectorAnswer(msgspec.Struct):
 _decode_vector = msgspec.json.Decoder(_VectorAnswer).decode
 """The answer of nearly every instant query, decoded straight into its shape (about a fifth of
 building it from generic dicts and lists); anything else takes the general path below."""
+
+
+class _RangeSeries(msgspec.Struct):
+    metric: dict[str, str]
+    values: list[tuple[float, str]]
+
+
+class _Matrix(msgspec.Struct):
+    resultType: Literal["matrix"]  # noqa: N815 - the Prometheus API's name
+    result: list[_RangeSeries]
+
+
+class _MatrixAnswer(msgspec.Struct):
+    status: Literal["success"]
+    data: _Matrix
+
+
+_decode_matrix = msgspec.json.Decoder(_MatrixAnswer).decode
+"""A range query's answer, decoded straight into its shape, like ``_decode_vector``."""
+
+
+def _checked(kind: type[Any], result: Any) -> Any:
+    """``result`` (generic JSON) converted to ``kind``, checking every type on the way: a label
+    map that is null or holds a number, a value that is no [time, "text"] pair, would otherwise
+    pass into the answer and fail in the view (a 500)."""
+    return msgspec.convert(result, kind)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -226,8 +260,8 @@ class PrometheusClient:
         if error_type == "timeout" or status == 504:
             raise BackendTimeout("the metrics backend timed out evaluating the query")
         if status == 404:
-            raise BackendError(f"the metrics backend has no {path}", status=404,
-                               code="backend_not_found")
+            raise BackendNotFound(f"the metrics backend has no {path} (it answered HTTP 404): "
+                                  "check api.prometheus_url")
         if status in (400, 422) and isinstance(decoded, dict):
             raise BackendError(f"the metrics backend rejected a query: {decoded.get('error')}")
         raise BackendUnavailable(f"the metrics backend answered HTTP {status}")
@@ -256,33 +290,46 @@ class PrometheusClient:
         kind, result = data.get("resultType"), data.get("result")
         try:
             if kind == "vector":
-                return [Sample(r["metric"], to_float(r["value"][1])) for r in result]
+                # The strict decoder refused it (or the status was not 200): check every type.
+                return [Sample(r.metric, to_float(r.value[1]))
+                        for r in _checked(list[_Series], result)]
             if kind == "scalar":
                 return [Sample({}, to_float(result[1]))]
-        except (KeyError, IndexError, TypeError, ValueError):
+        except (KeyError, IndexError, TypeError, ValueError, msgspec.ValidationError):
             raise _malformed("/api/v1/query", kind) from None
         raise BackendError(f"unexpected result type {kind!r}")
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[RangeSeries]:
+        """Range query; ``step`` is sent in whole milliseconds, the backend's resolution (round
+        it first to report the step the points are apart: validation.step does)."""
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
-                  "step": f"{step:g}", "timeout": f"{self.timeout:g}s"}
-        data = self._call("POST", "/api/v1/query_range", params)
+                  "step": f"{round(step * 1000)}ms", "timeout": f"{self.timeout:g}s"}
+        status, raw = self._fetch("POST", "/api/v1/query_range", params)
+        series: list[_RangeSeries] | None = None
+        if status == 200:
+            try:
+                series = _decode_matrix(raw).data.result
+            except msgspec.DecodeError:  # ValidationError included
+                pass  # an error or malformed: the general path tells which
+        kind = "matrix"
         try:
-            return [
-                RangeSeries(r["metric"], [(float(t), to_float(v)) for t, v in r["values"]])
-                for r in data["result"]
-            ]
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise _malformed("/api/v1/query_range", data.get("resultType")) from None
+            if series is None:
+                data = self._data("/api/v1/query_range", status, raw)
+                kind = data.get("resultType")
+                if kind != "matrix":
+                    raise ValueError(kind)
+                series = _checked(list[_RangeSeries], data.get("result"))
+            return [RangeSeries(r.metric, [(t, to_float(v)) for t, v in r.values])
+                    for r in series]
+        except (TypeError, ValueError, msgspec.ValidationError):
+            raise _malformed("/api/v1/query_range", kind) from None
 
     def alerts(self) -> list[dict[str, Any]] | None:
         """Active alerts with annotations, or None when the backend has no alerts API."""
         try:
             data = self._call("GET", "/api/v1/alerts")
-        except BackendError as exc:
-            if exc.code == "backend_not_found":
-                return None
-            raise
+        except BackendNotFound:
+            return None
         alerts = data.get("alerts", [])
         if not isinstance(alerts, list):
             raise BackendError("the metrics backend's /api/v1/alerts answer has no alerts list")

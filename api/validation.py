@@ -12,11 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+import flask
 from werkzeug.datastructures import MultiDict
+from werkzeug.utils import cached_property
 
 from exporter.config import LABEL_VALUE_RE
 
-from .errors import InvalidParameter
+from .errors import InvalidParameter, InvalidQueryString
 
 # Prometheus duration syntax, units in decreasing order (as PromQL requires), no fractions.
 DURATION_RE = r"^(?:[0-9]+w)?(?:[0-9]+d)?(?:[0-9]+h)?(?:[0-9]+m)?(?:[0-9]+s)?$"
@@ -85,6 +87,19 @@ def only(args: MultiDict[str, str], names: frozenset[str]) -> None:
             raise InvalidParameter(name, "given more than once")
 
 
+class Request(flask.Request):
+    """The app's request class: a query string of raw bytes that are not UTF-8 (which gunicorn
+    refuses itself, other WSGI servers pass on) makes ``args`` a 400, not a UnicodeDecodeError
+    answered as a 500 (hits.request_args fails alike, and hands the request to Flask)."""
+
+    @cached_property
+    def args(self) -> MultiDict[str, str]:
+        try:
+            return super().args
+        except UnicodeDecodeError:
+            raise InvalidQueryString() from None
+
+
 def _one(args: Mapping[str, str], name: str) -> str | None:
     value = args.get(name)
     if value is None:
@@ -149,7 +164,8 @@ def timestamp(args: Mapping[str, str], name: str, default: float) -> float:
 
 
 def step(args: Mapping[str, str], default: int) -> float:
-    """A Prometheus duration or a number of seconds."""
+    """A Prometheus duration or a number of seconds, rounded to the millisecond: the backend's
+    resolution, so the step reported is the one the points are apart."""
     value = _one(args, "step")
     if value is None:
         return float(default)
@@ -164,7 +180,7 @@ def step(args: Mapping[str, str], default: int) -> float:
         raise InvalidParameter("step", "expected seconds or a Prometheus duration such as 1m")
     if not STEP_MIN_SECONDS <= seconds <= STEP_MAX_SECONDS:
         raise InvalidParameter("step", "must be between 1s and 1d")
-    return seconds
+    return round(seconds * 1000) / 1000
 
 
 def rfc3339(ts: float) -> str:

@@ -6,6 +6,7 @@ import csv
 import io
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -17,9 +18,19 @@ from api.promql import PrometheusClient, RangeSeries, Sample
 from tests.api.conftest import API_KEY, AUTH, KnownPrometheus, api_config
 
 
+def _span(known: KnownPrometheus, seconds: int = 20) -> int:
+    """The start of a range of ``seconds`` that has passed (an export ends at now at the
+    latest), recent, and from 30 s after the rules started recording: every step has data, of
+    rates settled on the known ones."""
+    end = max(int(time.time()) - 2, int(known.started) + 30 + seconds)
+    delay = end + 1 - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    return end - seconds
+
+
 def _range(known: KnownPrometheus) -> str:
-    # Five steps after the rules started recording: every step has data.
-    start = int(known.started) + 5
+    start = _span(known)
     return f"start={start}&end={start + 20}&step=5s"
 
 
@@ -71,7 +82,7 @@ def test_point_bound(known_prometheus: KnownPrometheus, make_app: Callable[..., 
     ten = make_app(known_prometheus.url, export_max_points=10).test_client()
     assert ten.get(f"/export?dataset=task_throughput&{rng}", headers=AUTH).status_code == 200
     # 11 steps per series is refused before querying...
-    start = int(known_prometheus.started)
+    start = _span(known_prometheus, 50)
     r = ten.get(f"/export?dataset=task_throughput&start={start}&end={start + 50}&step=5",
                 headers=AUTH)
     assert r.status_code == 400 and r.json["error"]["parameter"] == "step"
@@ -129,9 +140,78 @@ def test_series_are_counted_before_the_range_is_loaded(known_prometheus: KnownPr
 
 
 def test_rfc3339_times(client: Any, known_prometheus: KnownPrometheus) -> None:
-    start = int(known_prometheus.started) + 5
+    start = _span(known_prometheus)
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
     end = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(start + 20))
     r = client.get(f"/export?dataset=task_throughput&start={iso}&end={quote(end)}&step=5",
                    headers=AUTH)
     assert r.status_code == 200 and int(r.headers["X-Export-Points"]) == 10
+
+
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def test_an_end_after_now_is_taken_as_now(known_prometheus: KnownPrometheus) -> None:
+    """The backend has no data after now (a range query repeats each series' last sample for
+    five minutes, then finds nothing): the range ends at now at the latest, so the series are
+    counted where they are, and a request over the bound is refused before any range data is
+    loaded (counted at an end more than five minutes ahead, there were none)."""
+    results = []
+    for max_points in (150, 1000):
+        prometheus = CountingClient(known_prometheus.url)
+        app = api.create_app(api_config(known_prometheus.url, export_max_points=max_points),
+                             api_keys=(API_KEY,), prometheus=prometheus)
+        try:
+            now = time.time()
+            start = round(now - 400, 3)
+            # 81 steps of 5 s up to now (x 2 series: over 150); 143 up to the end asked for.
+            r = app.test_client().get(f"/export?dataset=task_throughput&format=json"
+                                      f"&start={start}&end={int(now) + 310}&step=5",
+                                      headers=AUTH)
+            results.append((r.status_code, len(prometheus.ranges), r.get_json(), now,
+                            time.time()))
+        finally:
+            api.close_app(app)
+    (refused, ranges, error, _, _), (ok, ranges_ok, body, asked, answered) = results
+    assert (refused, ranges) == (400, 0), error
+    assert "2 series x 81 steps = 162 points" in error["error"]["message"]
+    assert (ok, ranges_ok) == (200, 1)
+    # The head reports the range's effective end, and no point lies after it.
+    end = _epoch(body["end"])
+    assert asked - 0.001 <= end <= answered
+    assert len(body["series"]) == 2
+    for s in body["series"]:
+        times = [_epoch(t) for t, _ in s["points"]]
+        assert 0 < len(times) <= 81 and max(times) <= end
+        assert max(times) > end - 5  # up to now
+
+
+def test_a_range_after_now_has_no_points(client: Any) -> None:
+    start = int(time.time()) + 600
+    r = client.get(f"/export?dataset=task_throughput&format=json&start={start}"
+                   f"&end={start + 60}&step=5", headers=AUTH)
+    assert r.status_code == 200 and r.headers["X-Export-Points"] == "0"
+    assert r.json["series"] == [] and _epoch(r.json["end"]) == _epoch(r.json["start"]) == start
+
+
+@pytest.mark.parametrize(("step", "reported"), [("5.123456789", 5.123), ("1.001", 1.001),
+                                                ("2.0004", 2.0), ("7s", 7.0)])
+def test_points_are_the_reported_step_apart(client: Any, known_prometheus: KnownPrometheus,
+                                             step: str, reported: float) -> None:
+    """The backend works in milliseconds: the step is rounded to one and sent as that many
+    milliseconds (a float in seconds becomes one millisecond less in one case out of fifty, as
+    1.001 s does), and the head reports the step the points are apart."""
+    start = _span(known_prometheus)
+    r = client.get(f"/export?dataset=task_throughput&format=json&start={start}"
+                   f"&end={start + 20}&step={step}", headers=AUTH)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert r.json["step"] == reported
+    assert r.json["series"]
+    for s in r.json["series"]:
+        times = [round(_epoch(t) * 1000) for t, _ in s["points"]]
+        assert len(times) >= 2
+        # Steps apart (a step the rules had not recorded yet would have no point).
+        gaps = {b - a for a, b in zip(times[:-1], times[1:], strict=True)}
+        assert min(gaps) == round(reported * 1000), gaps
+        assert all(g % round(reported * 1000) == 0 for g in gaps), gaps

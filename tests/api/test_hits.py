@@ -3,6 +3,7 @@ the limiter, and every request the path must not answer left to Flask."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -162,6 +163,65 @@ def test_requests_the_path_leaves_to_flask(
     assert r.status_code == 400 and r.json["error"]["parameter"] == "window"
 
 
+def _cors_headers(headers: Any) -> list[str]:
+    return [k for k in headers.keys() if k.lower().startswith("access-control-")]
+
+
+def _vary(headers: Any) -> list[str]:
+    return [v.strip() for value in headers.get_all("Vary") for v in value.split(",")]
+
+
+@pytest.mark.parametrize("origins", [["https://ops.example.com"],
+                                     ["https://ops.example.com", "https://crm.example.com"]])
+def test_cors_headers_are_the_same_on_both_paths(
+    origins: list[str], known_prometheus: KnownPrometheus, make_app: Callable[..., Flask],
+) -> None:
+    """With CORS origins configured, a request without Origin gets no CORS headers, answered by
+    Flask or below it, and every data response says ``Vary: Origin``: an answer to one origin
+    (or to none) must not be served from a cache in between to another."""
+    app = make_app(known_prometheus.url, cache_ttl_seconds=600, cors_origins=origins)
+    through = Through(app)
+    c = app.test_client()
+    flask_only = Client(_hits(app).app)
+    url = CACHED[0]
+    rid = {"X-Request-ID": "req-1"}
+    miss = c.get(url, headers=rid)
+    n = through.count
+    hit = c.get(url, headers=rid)
+    assert (miss.headers["X-Cache"], hit.headers["X-Cache"]) == ("MISS", "HIT")
+    assert through.count == n, "the hit went through Flask"
+    reference = flask_only.get(url, headers=rid)
+    assert reference.headers["X-Cache"] == "HIT"
+    for r in (miss, hit, reference):
+        assert r.status_code == 200
+        assert _cors_headers(r.headers) == [], r.headers
+        assert _vary(r.headers) == ["Origin"], r.headers
+    assert _comparable(hit.headers) == _comparable(reference.headers)
+    # Other data endpoints and answers through Flask, errors included.
+    for path, headers in [("/export?dataset=task_throughput", AUTH),
+                          ("/agent-performance?window=13x", {}),
+                          ("/executive-dashboard", {})]:
+        r = c.get(path, headers=headers)
+        assert _cors_headers(r.headers) == [] and _vary(r.headers) == ["Origin"], (path, r)
+    # With an Origin: Flask's answer, for an allowed one with the CORS headers.
+    for origin in origins:
+        r = c.get(url, headers={"Origin": origin})
+        assert r.headers["X-Cache"] == "HIT"
+        assert r.headers["Access-Control-Allow-Origin"] == origin
+        assert _vary(r.headers) == ["Origin"], r.headers
+    r = c.get(url, headers={"Origin": "https://evil.example.org"})
+    assert r.status_code == 200 and r.headers["X-Cache"] == "HIT"
+    assert _cors_headers(r.headers) == [] and _vary(r.headers) == ["Origin"]
+
+
+def test_no_cors_origins_no_vary(known_prometheus: KnownPrometheus,
+                                 make_app: Callable[..., Flask]) -> None:
+    app = make_app(known_prometheus.url, cache_ttl_seconds=600)
+    c = app.test_client()
+    for r in (c.get(CACHED[0]), c.get(CACHED[0]), c.get(CACHED[0], headers={"Origin": "x"})):
+        assert "Vary" not in r.headers and _cors_headers(r.headers) == []
+
+
 def test_a_failing_hit_path_hands_the_request_to_flask(
     known_prometheus: KnownPrometheus, flushed_redis: servers.RedisServer,
     make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture,
@@ -225,3 +285,41 @@ def test_parameters_parse_as_werkzeug_parses_them(query: str) -> None:
 def test_path_decodes_as_werkzeug_decodes_it(path: str) -> None:
     environ = EnvironBuilder(path=path).get_environ()
     assert request_path(environ) == Request(environ).path
+
+
+@pytest.mark.parametrize("cache", ["off", "memory", "redis"])
+def test_a_query_string_that_is_not_utf8_is_a_400(
+    cache: str, known_prometheus: KnownPrometheus, flushed_redis: servers.RedisServer,
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Raw bytes that are not UTF-8 in the query string (gunicorn refuses such a request line,
+    other WSGI servers pass it on) are the client's mistake: a JSON 400 saying so, counted once
+    by the limiter, on the cache-hit path and through Flask alike; never a 500 and an error log."""
+    app = make_app(known_prometheus.url, cache_ttl_seconds=0 if cache == "off" else 600,
+                   redis_url=flushed_redis.url if cache == "redis" else None,
+                   rate_limit="50/minute", cors_origins=["https://ops.example.com"])
+    assert isinstance(app.wsgi_app, CachedHits) == (cache != "off")
+    c = app.test_client()
+    env = {"REMOTE_ADDR": "198.51.100.9"}
+    remaining = []
+    queries = ("window=\xff", "window=1h&x=\xff\xfe", "\xff", "dataset=task_throughput\xe9")
+    paths = ("/task-completion", "/agent-performance", "/executive-dashboard", "/export")
+    for path in paths[:3]:
+        # Stored first, so the query string's parameters could be a hit.
+        assert c.get(f"{path}?window=1h", headers=AUTH).status_code == 200
+    for path in paths:
+        for i, query in enumerate(queries):
+            # With an Origin, the request goes through Flask even when the cache is on.
+            headers = {**AUTH, **({"Origin": "https://ops.example.com"} if i % 2 else {})}
+            r = c.get(path, headers=headers, environ_base=env,
+                      environ_overrides={"QUERY_STRING": query})
+            assert r.status_code == 400, (path, query, r.get_data(as_text=True))
+            error = r.json["error"]
+            assert error["code"] == "invalid_query_string"
+            assert "query string" in error["message"] and "UTF-8" in error["message"]
+            remaining.append(int(r.headers["X-RateLimit-Remaining"]))
+    assert remaining == list(range(46, 46 - len(remaining), -1))
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    # Percent-encoded bytes that are not UTF-8 are still what they were: a value (here a bad one).
+    r = c.get("/task-completion?window=%FF")
+    assert r.status_code == 400 and r.json["error"]["parameter"] == "window"

@@ -199,3 +199,171 @@ def test_executive_dashboard_asks_for_the_alerts_while_the_query_runs(
         assert [a["name"] for a in r.json["data"]["alerts"]] == ["AicrmSourceDown"]
     finally:
         server.close()
+
+
+Answer = Callable[[str, str, bytes], tuple[int, bytes]]
+"""(method, path, body) -> (status, body) of a fake backend."""
+
+
+class FakeBackend:
+    """A backend answering every request as ``answer`` says, in a thread per connection."""
+
+    def __init__(self, answer: Answer) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, out = answer(self.command, self.path, body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json" if out[:1] == b"{"
+                                 else "text/plain")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@pytest.fixture
+def fake_backend() -> Iterator[Callable[[Answer], FakeBackend]]:
+    started: list[FakeBackend] = []
+
+    def start(answer: Answer) -> FakeBackend:
+        backend = FakeBackend(answer)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()
+
+
+EMPTY_VECTOR = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+
+
+def test_backend_without_the_query_api_is_502(fake_backend: Callable[[Answer], FakeBackend],
+                                              make_app: Callable[..., Flask]) -> None:
+    """A backend that answers 404 (a prometheus_url with a wrong path prefix, a server that does
+    not speak the Prometheus API) is a bad gateway: a 404 would tell the client that the API's
+    own path does not exist, and the spec allows only 502, 503 and 504 for backend trouble."""
+    backend = fake_backend(lambda method, path, body: (404, b"404 page not found\n"))
+    c = make_app(backend.url + "/wrong-prefix").test_client()
+    for path in DATA_PATHS:
+        r = c.get(path, headers=AUTH)
+        assert r.status_code == 502, (path, r.get_data(as_text=True))
+        assert r.json["error"]["code"] == "backend_error"
+        message = r.json["error"]["message"]
+        assert "/api/v1/query" in message and "api.prometheus_url" in message, message
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and ready.json["error"]["status"] == 503
+    # The spec lists 502 for it on every data endpoint.
+    spec = c.get("/openapi.json").json
+    for path in DATA_PATHS:
+        responses = spec["paths"][path.split("?")[0]]["get"]["responses"]
+        assert "502" in responses and "404" not in responses, path
+        assert "api.prometheus_url" in responses["502"]["description"]
+
+
+def test_backend_without_the_alerts_api_falls_back_to_the_alerts_series(
+        fake_backend: Callable[[Answer], FakeBackend], make_app: Callable[..., Flask]) -> None:
+    """The one place a backend's 404 is expected: /api/v1/alerts (VictoriaMetrics without a
+    vmalert proxy), where the firing alerts come from the ALERTS series instead."""
+    firing = (b'{"status":"success","data":{"resultType":"vector","result":[{"metric":'
+              b'{"__name__":"ALERTS","alertname":"AicrmSourceDown","alertstate":"firing",'
+              b'"severity":"ticket"},"value":[1,"1"]}]}}')
+
+    def answer(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if path == "/api/v1/alerts":
+            return 404, b"404 page not found\n"
+        return 200, firing if b"query=ALERTS" in body else EMPTY_VECTOR
+
+    c = make_app(fake_backend(answer).url).test_client()
+    r = c.get("/executive-dashboard", headers=AUTH)
+    assert r.status_code == 200, r.json
+    assert [(a["name"], a["summary"]) for a in r.json["data"]["alerts"]] == [
+        ("AicrmSourceDown", None)]
+
+
+MALFORMED_VECTORS = [
+    b'[{"metric":null,"value":[1,"1"]}]',
+    b'[{"metric":{"task_type":5},"value":[1,"1"]}]',
+    b'[{"metric":"x","value":[1,"1"]}]',
+    b'[{"metric":{},"value":"1"}]',
+    b'[{"metric":{},"value":[1]}]',
+    b'[{"metric":{},"value":null}]',
+    b'[{"metric":{},"value":[1,"1",2]}]',
+    b'[{"metric":{},"value":[1,"one"]}]',
+    b'[{"metric":{},"value":[1,1]}]',
+    b'[{"metric":{},"value":[1,null]}]',
+    b'[null]',
+    b'{"metric":{},"value":[1,"1"]}',
+]
+
+
+@pytest.mark.parametrize("result", MALFORMED_VECTORS)
+def test_malformed_vectors_are_502_never_500(fake_backend: Callable[[Answer], FakeBackend],
+                                             make_app: Callable[..., Flask],
+                                             result: bytes) -> None:
+    """A vector the strict decoder refuses is looked at again by the general path: there, too, a
+    series without a label map of strings or a value that is not a [time, "number"] pair is the
+    backend's fault (502), not a crash later on in the view (500)."""
+    vector = b'{"status":"success","data":{"resultType":"vector","result":%s}}' % result
+    matrix = (b'{"status":"success","data":{"resultType":"matrix","result":%s}}'
+              % result.replace(b'"value":', b'"values":'))
+
+    def answer(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if path == "/api/v1/alerts":
+            return 200, b'{"status":"success","data":{"alerts":[]}}'
+        return 200, matrix if path == "/api/v1/query_range" else vector
+
+    backend = fake_backend(answer)
+    client = PrometheusClient(backend.url, timeout=2)
+    try:
+        with pytest.raises(BackendError) as err:
+            client.query("vector(1)")
+        assert err.value.status == 502 and "malformed" in err.value.message
+    finally:
+        client.close()
+    c = make_app(backend.url).test_client()
+    for path in DATA_PATHS[:3]:
+        r = c.get(path, headers=AUTH)
+        assert r.status_code == 502, (path, r.get_data(as_text=True))
+        assert r.json["error"]["code"] == "backend_error"
+
+
+MALFORMED_MATRICES = [
+    b'[{"metric":null,"values":[[1,"1"]]}]',
+    b'[{"metric":{"agent":5},"values":[[1,"1"]]}]',
+    b'[{"metric":{},"values":[[1,"1",2]]}]',
+    b'[{"metric":{},"values":[1,"1"]}]',
+    b'[{"metric":{},"values":[["x","1"]]}]',
+    b'[{"metric":{},"values":[[1,"one"]]}]',
+    b'[{"metric":{},"values":null}]',
+]
+
+
+@pytest.mark.parametrize("result", MALFORMED_MATRICES)
+def test_malformed_matrices_are_502_never_500(fake_backend: Callable[[Answer], FakeBackend],
+                                              make_app: Callable[..., Flask],
+                                              result: bytes) -> None:
+    matrix = b'{"status":"success","data":{"resultType":"matrix","result":%s}}' % result
+    count = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+
+    def answer(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        return 200, matrix if path == "/api/v1/query_range" else count
+
+    c = make_app(fake_backend(answer).url).test_client()
+    for fmt in ("csv", "json"):
+        r = c.get(f"/export?dataset=agent_spend_rate&format={fmt}", headers=AUTH)
+        assert r.status_code == 502, (fmt, r.get_data(as_text=True))
+        assert r.json["error"]["code"] == "backend_error"
