@@ -276,7 +276,7 @@ def push_requests() -> timeseries.Panel:
         c.REQPS,
         [c.query(f"sum by (code) (rate(aicrm_push_requests_total{{{EXPORTER}}}{RATE}))",
                  "{{code}}")],
-        width=12,
+        width=8,
         stack=True,
     )
 
@@ -295,9 +295,24 @@ def push_errors() -> timeseries.Panel:
                 "error ratio",
             )
         ],
-        width=12,
+        width=8,
         min_val=0,
         max_val=1,
+    )
+
+
+def state_write_failures() -> timeseries.Panel:
+    return c.timeseries_panel(
+        "State write failures",
+        "Failed writes of the exporter's state file per second, by instance. Above 0: disk "
+        "full, read-only or no permission; the exporter serves the values last written, so its "
+        "figures stand still until a write succeeds (nothing read is lost) "
+        "(AicrmExporterStateWriteFailing).",
+        c.OPS,
+        [c.query(f"sum by (instance) (rate(aicrm_exporter_state_write_failures_total"
+                 f"{{{EXPORTER}}}{RATE}))", "{{instance}}")],
+        width=8,
+        min_val=0,
     )
 
 
@@ -878,7 +893,8 @@ def build() -> model.Dashboard:
         builder,
         "Exporter",
         [source_up(), events_accepted(), rejected_ratio(), rejected_by_reason(), source_lag(),
-         last_event_age(), label_overflow(), push_requests(), push_errors()],
+         last_event_age(), label_overflow(), push_requests(), push_errors(),
+         state_write_failures()],
     )
     builder = c.add_row(
         builder,
