@@ -972,3 +972,188 @@ def test_errors_about_an_unreadable_path_are_not_logged_at_every_poll(
     assert len(caplog.records) == 2
     assert "39 more times" in caplog.records[1].getMessage()
     assert h.up() == 0
+
+
+# --- the open-file cap and rotation, copies in the glob, let-go positions, lag per pass ------
+
+
+def test_rename_rotation_at_the_open_file_cap_drains_the_renamed_file(
+    logs: Path, clock: Clock
+) -> None:
+    """The cap must not close the renamed file before the pass has found it gone (it was
+    closed by the open of the new file at its name, and never read again)."""
+    h = Harness(str(logs / "*.jsonl"), clock, max_open_files=2)
+    a, b = logs / "a.jsonl", logs / "b.jsonl"
+    try:
+        append(a, lines(10))
+        append(b, lines(10))
+        h.poll()
+        append(a, lines(5))  # written, then rotated before the next poll
+        os.rename(a, logs / "a.jsonl.1")
+        append(a, lines(1))
+        append(b, lines(1))
+        for _ in range(3):
+            h.poll()
+            clock.now += 3
+        assert h.accepted() == 27
+        assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+    finally:
+        h.tailer.close()
+
+
+def test_closed_file_that_grew_and_was_renamed_out_of_the_glob_is_drained(
+    logs: Path, clock: Clock
+) -> None:
+    """A file closed by the cap, written and renamed in its directory before the next pass, is
+    found there by its inode and read to its end (late writes too, until it is let go)."""
+    h = Harness(str(logs / "*.jsonl"), clock, max_open_files=2)
+    try:
+        names = [logs / f"f{i}.jsonl" for i in range(4)]
+        for p in names:
+            append(p, lines(1))
+        h.poll()
+        for p in names[1:]:
+            append(p, lines(1))
+        h.poll()
+        (t,) = [t for t in h.tailer.files.values() if t.path == str(names[0])]
+        assert t.fh is None
+        append(names[0], lines(2))
+        os.rename(names[0], logs / "f0.jsonl.1")
+        h.poll()
+        append(logs / "f0.jsonl.1", lines(1))  # a late write by the old writer
+        clock.now += 3
+        h.poll()
+        clock.now += files.ROTATED_GRACE_SECONDS
+        h.poll()
+        assert h.accepted() == 4 + 3 + 3
+        assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+    finally:
+        h.tailer.close()
+
+
+def _copytruncate_empty_copy_seen_first(h: Harness, logs: Path, clock: Clock) -> int:
+    log, copy = logs / "app.jsonl", logs / "app.jsonl.1"
+    append(log, lines(100))
+    h.poll()
+    copy.write_bytes(b"")  # logrotate creates the copy, and a poll comes before any byte
+    h.poll()
+    shutil.copyfile(log, copy)
+    os.truncate(log, 0)
+    return 100
+
+
+def _copytruncate_small_partial_copy(h: Harness, logs: Path, clock: Clock) -> int:
+    log, copy = logs / "app.jsonl", logs / "app.jsonl.1"
+    append(log, lines(100))
+    h.poll()
+    data = log.read_bytes()
+    copy.write_bytes(data[:100])  # fewer bytes than a fingerprint
+    h.poll()
+    copy.write_bytes(data)
+    os.truncate(log, 0)
+    return 100
+
+
+def _copytruncate_slow_copy(h: Harness, logs: Path, clock: Clock) -> int:
+    log, copy = logs / "app.jsonl", logs / "app.jsonl.1"
+    append(log, lines(1000))
+    h.poll()
+    data = log.read_bytes()
+    for part in range(1, 8):  # longer than the grace period
+        copy.write_bytes(data[: len(data) * part // 8])
+        h.poll()
+        clock.now += 1
+    copy.write_bytes(data)
+    os.truncate(log, 0)
+    return 1000
+
+
+def _copytruncate_of_a_closed_file(h: Harness, logs: Path, clock: Clock) -> int:
+    log = logs / "app.jsonl"
+    append(log, lines(50))
+    h.poll()
+    for i in range(3):  # other files grow after it: it is closed
+        append(logs / f"other{i}.jsonl", lines(1))
+        h.poll()
+    (t,) = [t for t in h.tailer.files.values() if t.path == str(log)]
+    assert t.fh is None
+    shutil.copyfile(log, logs / "app.jsonl.1")
+    h.poll()  # between the copy and the truncation
+    os.truncate(log, 0)
+    return 53
+
+
+@pytest.mark.parametrize("case", [
+    _copytruncate_empty_copy_seen_first, _copytruncate_small_partial_copy,
+    _copytruncate_slow_copy, _copytruncate_of_a_closed_file,
+])
+def test_copytruncate_with_the_copy_in_the_glob_counts_once_whenever_polled(
+    logs: Path, clock: Clock, case: Any
+) -> None:
+    h = Harness(str(logs / "*.jsonl*"), clock, max_open_files=2)
+    try:
+        expected = case(h, logs, clock)
+        clock.now += 1
+        h.poll()
+        h.poll()
+        append(logs / "app.jsonl", lines(2, agent="writer"))
+        h.poll()
+        clock.now += 2 * files.ROTATED_GRACE_SECONDS
+        h.poll()
+        assert (h.accepted(), h.results("writer")) == (expected + 2, 2)
+        assert sum(h.rejected(r) for r in c.REJECT_REASONS) == 0
+        assert h.tailer._pending == {}
+    finally:
+        h.tailer.close()
+
+
+def test_positions_of_rotated_files_are_dropped_once_deleted(
+    logs: Path, clock: Clock
+) -> None:
+    """A let-go position is kept while its file exists (it may come back), not for 30 days
+    after its rotation deleted it: the state file would grow with every rotation."""
+    h = Harness(str(logs / "*.jsonl"), clock)
+    log = logs / "app.jsonl"
+    try:
+        append(log, lines(1))
+        h.poll()
+        for i in range(1, 41):
+            os.rename(log, logs / f"app.jsonl.{i}")
+            append(log, lines(1))
+            h.poll()
+            clock.now += files.ROTATED_GRACE_SECONDS + 1
+            h.poll()
+        assert len(h.tailer._saved) == 40
+        for i in range(1, 40):  # logrotate's rotate 1: all but the newest deleted
+            os.unlink(logs / f"app.jsonl.{i}")
+        os.rename(logs / "app.jsonl.40", logs / "app.jsonl.old")  # renamed on: still there
+        clock.now += 61  # the check runs once a minute
+        h.poll()
+        positions = h.tailer.positions()
+        assert len(positions) == 2  # the live file's, and the one still there
+        assert sorted(p["path"].rsplit("/", 1)[1] for p in positions) == [
+            "app.jsonl", "app.jsonl.old"]
+        assert h.accepted() == 41
+    finally:
+        h.tailer.close()
+
+
+def test_lag_is_that_of_the_newest_event_of_the_pass_over_all_files(
+    logs: Path, clock: Clock
+) -> None:
+    h = Harness(str(logs / "*.jsonl"), clock)
+    h.store.clock = clock
+    try:
+        append(logs / "a-current.jsonl", lines(5, ts=clock.now - 2))
+        append(logs / "b-quiet.jsonl", lines(5, ts=clock.now - 3600))  # read last
+        h.poll()
+        assert h.value(c.SOURCE_LAG.name, source=SOURCE) == 2
+        append(logs / "a-current.jsonl", lines(1))  # no ts: lag 0 for the whole pass
+        append(logs / "b-quiet.jsonl", lines(1, ts=clock.now - 3600))
+        h.poll()
+        assert h.value(c.SOURCE_LAG.name, source=SOURCE) == 0
+        append(logs / "b-quiet.jsonl", lines(1, ts=clock.now - 3600))
+        h.poll()
+        assert h.value(c.SOURCE_LAG.name, source=SOURCE) == 3600
+    finally:
+        h.tailer.close()

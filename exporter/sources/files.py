@@ -10,10 +10,13 @@ to another file in between. A file that shrinks was truncated and is read again 
 start. Only complete lines are consumed; a half-written last line waits for its newline.
 A file that leaves the glob for good is let go with its position saved, so one that comes
 back (a directory moved away and back, a share that was unreachable) reads on where it was.
-At most ``max_open_files`` files are kept open: the least recently grown are closed and
-opened again when a stat shows their size changed (their fingerprint is checked again then).
-A file that appears as a copy of one that was just truncated (copytruncate with a glob that
-matches the copies) reads on from the truncated file's position.
+At most ``max_open_files`` files are kept open: the least recently grown of those the glob
+found in this pass and that were read to their size are closed, and opened again when a stat
+shows their size changed (their fingerprint is checked again then); one renamed out of the glob
+while closed is looked for by inode in its directory. A new file that is a byte prefix of a
+tracked file (copytruncate with a glob that matches the copies) is held, unread, until it is
+either the copy of a truncated file (read on from that file's position) or no prefix any more.
+Let-go positions are dropped once their file is gone from its directory (deleted).
 Positions, and which files are tracked, are read and changed only under the store's lock, so
 a state snapshot always pairs counters with the positions they came from.
 """
@@ -53,12 +56,13 @@ TAIL_BYTES = 256
 READ_CHUNK = 1024 * 1024
 ROTATED_GRACE_SECONDS = 5.0
 """How long a file that left the glob (renamed or deleted) is still watched for late writes;
-also how long a new file that starts like a tracked one that was not truncated (yet) waits
-for that truncation (a copytruncate in progress) before it is read as a file of its own."""
+twice this, how long the position of a file whose truncation was read waits for its copy."""
 FORGET_UNSEEN_SECONDS = 30 * 86400.0
 """A saved read position whose file no run has found for this long is dropped from the state:
 a file renamed out of the glob while the exporter was stopped is never found again. Long, so
 a share that is away for days and comes back is still read from where it was left."""
+SAVED_CHECK_SECONDS = 60.0
+"""How often the saved positions are checked for files that were deleted (dropped then)."""
 ERROR_LOG_INTERVAL = 60.0
 """An error about one path (cannot stat, open or read it) is logged when it first happens, then
 at most once per this many seconds, with the number of repeats not shown."""
@@ -119,6 +123,8 @@ class Tracked:
     tail_fp: str = ""
     tail_len: int = 0
     """Fingerprint of the ``tail_len`` bytes before ``offset`` (0: unknown)."""
+    claimed: bool = False
+    """A copy took over its position before its truncation was read."""
 
     @property
     def key(self) -> str:
@@ -246,8 +252,17 @@ class FileTailer:
         self._saved: dict[str, dict[str, Any]] = {}
         self._open_files: dict[str, Tracked] = {}
         """Tracked files with an open handle, least recently grown first."""
-        self._waiting: dict[str, float] = {}
-        """New files that start like a tracked file that was not truncated (yet): since when."""
+        self._pending: dict[str, Tracked] = {}
+        """New files that are a byte prefix of a tracked file (possible copies under way),
+        held open, not read, until they are found to be a copy or a file of their own."""
+        self._cut: dict[str, tuple[float, dict[str, Any]]] = {}
+        """Positions of files whose truncation a read just found (when, ``_identity``): a copy
+        found after that reads on from there."""
+        self._seen_now: set[str] = set()
+        """Files the glob found in this pass: only those may be closed."""
+        self._newest: dict[str, float | None] = {}
+        """The newest event time per source in this pass (None: an event had none)."""
+        self._next_saved_check = 0.0
         self._reject_log = RejectLog()
         self._error_log = ErrorLog()
         self._markers = {w.source: (w.marker, w.marker_rejects)
@@ -286,20 +301,31 @@ class FileTailer:
     def poll(self) -> int:
         """One pass over every watch; returns the number of lines consumed."""
         total = 0
+        self._seen_now = set()
+        self._newest = {}
         for w in self.watches:
             seen = self._discover(w)
             for t in [t for t in self.files.values() if t.source == w.source]:
                 st = seen.get(t.key)
                 if st is None and t.gone_since is None:
+                    if t.fh is None:
+                        # Closed, and no longer in the glob: renamed within its directory
+                        # (a rotation), it is opened there and drained like an open one.
+                        self._find_moved(t)
                     t.gone_since = self.clock()
                 if t.fh is not None or self._reopen(t, st):
                     total += self._read(t, w.readable)
                     self._limit_open()
                 if t.gone_since is not None and self.clock() - t.gone_since > ROTATED_GRACE_SECONDS:
                     self._forget(t, w.readable)
-        if self._waiting:
-            horizon = self.clock() - 2 * ROTATED_GRACE_SECONDS
-            self._waiting = {k: v for k, v in self._waiting.items() if v > horizon}
+        self._limit_open()
+        now = self.clock()
+        if self._cut:
+            self._cut = {k: v for k, v in self._cut.items()
+                         if now - v[0] <= 2 * ROTATED_GRACE_SECONDS}
+        if now >= self._next_saved_check:
+            self._next_saved_check = now + SAVED_CHECK_SECONDS
+            self._drop_deleted_saved()
         return total
 
     def _discover(self, w: Watch) -> dict[str, os.stat_result]:
@@ -325,8 +351,11 @@ class FileTailer:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            t = self.files.get(f"{st.st_dev}:{st.st_ino}")
+            key = f"{st.st_dev}:{st.st_ino}"
+            t = self.files.get(key)
             if t is None:
+                if key in self._pending:
+                    self._pending[key].path = path
                 try:
                     t = self._open(w.source, path, copies=w.readable is None)
                 except FileNotFoundError:
@@ -338,10 +367,31 @@ class FileTailer:
                     continue
                 if t is None:
                     continue
-                self._limit_open()
+                seen[t.key] = st
+                self._seen_now.add(t.key)
+                t.path = path
+                t.gone_since = None
+                if len(self._open_files) > self.max_open_files:
+                    # Read it now, so that it may be closed: many new files at once (a first
+                    # start over weeks of dated files) must not run out of descriptors.
+                    self._read(t, w.readable)
+                    self._limit_open()
+                continue
             seen[t.key] = st
+            self._seen_now.add(t.key)
             t.path = path
             t.gone_since = None
+        # Possible copies that left the glob are decided on through their handle.
+        for p in [p for p in self._pending.values() if p.source == w.source]:
+            if p.key in seen:
+                continue
+            try:
+                if p.fh is None or os.fstat(p.fh.fileno()).st_nlink == 0:
+                    self._drop_pending(p)
+                    continue
+                self._open(w.source, p.path, copies=True, pending=p)
+            except OSError:
+                self._drop_pending(p)
         self.sink.source_status(w.source, up)
         return seen
 
@@ -352,16 +402,30 @@ class FileTailer:
         self._open_files.pop(t.key, None)
         self._open_files[t.key] = t
 
+    def _closable(self, t: Tracked) -> bool:
+        """Whether ``t`` may be closed: found by the glob in this pass (one that left it is
+        drained through its handle until it is let go) and read to its current size (a closed
+        file is opened again when its size changes; one with unread bytes could be renamed
+        away before that, and they would be lost)."""
+        if t.gone_since is not None or t.key not in self._seen_now or t.fh is None:
+            return False
+        if t.seen_size < 0:
+            return False
+        try:
+            return os.fstat(t.fh.fileno()).st_size == t.seen_size
+        except OSError:
+            return False
+
     def _limit_open(self) -> None:
-        """Close the least recently grown files past ``max_open_files``; never one that left
-        the glob (it is drained through its handle until it is let go)."""
+        """Close the least recently grown files past ``max_open_files`` that may be closed
+        (``_closable``); the cap is exceeded rather than close one that may not."""
         excess = len(self._open_files) - self.max_open_files
         if excess <= 0:
             return
         for t in list(self._open_files.values()):
             if excess <= 0:
                 break
-            if t.gone_since is None:
+            if self._closable(t):
                 self._close(t)
                 excess -= 1
 
@@ -371,6 +435,39 @@ class FileTailer:
             fh, t.fh = t.fh, None
             fh.close()
 
+    def _find_moved(self, t: Tracked) -> None:
+        """Open the closed file ``t`` if it is still in the directory of its last known path
+        under another name (renamed out of the glob there): its bytes written before and after
+        the rename are then read like those of a renamed open file. One renamed into another
+        directory, or deleted, while closed cannot be found: what it got since its last read
+        is lost (docs/exporter.md)."""
+        found = None
+        try:
+            with os.scandir(os.path.dirname(t.path) or ".") as entries:
+                for e in entries:
+                    if e.inode() == t.ino:
+                        found = e.path
+                        break
+        except OSError:
+            return
+        if found is None:
+            return
+        try:
+            fh = open(found, "rb", buffering=0)  # noqa: SIM115
+        except OSError:
+            return
+        try:
+            fst = os.fstat(fh.fileno())
+        except OSError:
+            fh.close()
+            return
+        if f"{fst.st_dev}:{fst.st_ino}" != t.key or not stat.S_ISREG(fst.st_mode):
+            fh.close()
+            return
+        log.info("%s: renamed to %s while closed; reading it to its end", t.path, found)
+        t.path, t.fh = found, fh
+        self._touch(t)
+
     def _reopen(self, t: Tracked, st: os.stat_result | None) -> bool:
         """Open a closed file again if the glob found it with another size than it had at its
         last read. The handle is checked to be that file (a rotation since the stat may have
@@ -378,49 +475,80 @@ class FileTailer:
         again by the read, as for an open file."""
         if st is None or st.st_size == t.seen_size:
             return False
-        try:
-            fh = open(t.path, "rb", buffering=0)  # noqa: SIM115
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            self._error_log(f"open:{t.path}", "source %s: cannot open %s: %s",
-                            t.source, t.path, exc)
-            self.sink.source_status(t.source, False)
-            return False
-        try:
-            fst = os.fstat(fh.fileno())
-        except OSError:
-            fh.close()
-            return False
-        if f"{fst.st_dev}:{fst.st_ino}" != t.key:
-            fh.close()
+        fh = self._open_again(t)
+        if fh is None:
             return False
         t.fh = fh
         self._touch(t)
         return True
 
-    def _open(self, source: str, path: str, copies: bool = True) -> Tracked | None:
+    def _open_again(self, t: Tracked) -> BinaryIO | None:
+        """A new handle on the closed file ``t`` at its path; None if it is not there."""
+        try:
+            fh = open(t.path, "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._error_log(f"open:{t.path}", "source %s: cannot open %s: %s",
+                            t.source, t.path, exc)
+            self.sink.source_status(t.source, False)
+            return None
+        try:
+            fst = os.fstat(fh.fileno())
+        except OSError:
+            fh.close()
+            return None
+        if f"{fst.st_dev}:{fst.st_ino}" != t.key:
+            fh.close()
+            return None
+        return fh
+
+    def _drop_pending(self, p: Tracked) -> None:
+        self._pending.pop(p.key, None)
+        if p.fh is not None:
+            fh, p.fh = p.fh, None
+            fh.close()
+
+    def _open(self, source: str, path: str, copies: bool = True,
+              pending: Tracked | None = None) -> Tracked | None:
         """Track the file opened at ``path`` (or the one already tracked if a rotation since
         the stat put that one there); None if it is no regular file now, or if it may be a
         copy under way (``copies``: look for copies; not in the push journal, whose segments
-        are never copied and may well start with the same batch)."""
-        # Kept open to follow the file across renames. Unbuffered: a buffer could hold bytes
-        # read past the readable end that a writer has since cut back and rewritten.
-        fh = open(path, "rb", buffering=0)  # noqa: SIM115
-        try:
-            st = os.fstat(fh.fileno())
-            known = self.files.get(f"{st.st_dev}:{st.st_ino}")
+        are never copied and may well start with the same batch). A possible copy is held
+        open in ``_pending`` (``pending``: decide on that one, through its handle)."""
+        if pending is None:
+            # Kept open to follow the file across renames. Unbuffered: a buffer could hold
+            # bytes read past the readable end that a writer has since cut back and rewritten.
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115
+            try:
+                st = os.fstat(fh.fileno())
+            except BaseException:
+                fh.close()
+                raise
+            key = f"{st.st_dev}:{st.st_ino}"
+            known = self.files.get(key)
             if known is not None or not stat.S_ISREG(st.st_mode):
                 fh.close()
                 return known
-            t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
-            copied: Tracked | None = None
+            t = self._pending.get(key)
+            if t is not None and t.fh is not None:
+                fh.close()  # the handle held since it was first found
+            else:
+                t = Tracked(source, path, st.st_dev, st.st_ino, fh=fh)
+        else:
+            t = pending
+        try:
+            copied: dict[str, Any] | None = None
             if copies and t.key not in self._saved:
-                found = self._copy_of(t, st.st_size)
-                if found is None:  # starts like a tracked file that was not truncated yet
-                    fh.close()
+                found = self._copy_of(t)
+                if found is None:  # a byte prefix of a tracked file: a copy under way?
+                    if t.key not in self._pending:
+                        log.info("%s holds the first bytes of a file already read; waiting "
+                                 "until it is either that file's copy or a file of its own",
+                                 path)
+                    self._pending[t.key] = t
                     return None
-                if isinstance(found, Tracked):
+                if isinstance(found, dict):
                     copied = found
             # The saved position is handed over to the tracked file in one step under the
             # lock: a snapshot has it in one place or the other.
@@ -430,81 +558,175 @@ class FileTailer:
                     self._resume(t, saved)
                 elif copied is not None:
                     log.info("%s: a copy of %s (copytruncate?); reading on from its offset %d",
-                             path, copied.path, copied.offset)
-                    t.offset, t.line, t.skipping = copied.offset, copied.line, copied.skipping
-                    t.fingerprint, t.fp_len = copied.fingerprint, copied.fp_len
+                             path, copied["path"], copied["offset"])
+                    t.offset, t.line, t.skipping = (copied["offset"], copied["line"],
+                                                    copied["skipping"])
+                    t.fingerprint, t.fp_len = copied["fingerprint"], copied["fp_len"]
                 self._saved.pop(t.key, None)
                 self.files[t.key] = t
         except BaseException:
-            fh.close()
+            self._drop_pending(t)
             raise
-        self._waiting.pop(t.key, None)
+        self._pending.pop(t.key, None)
         self._touch(t)
         return t
 
-    def _copy_of(self, t: Tracked, size: int) -> Tracked | bool | None:
-        """The tracked file that the new file ``t`` is a copy of (copytruncate, the copy in
-        the glob): one that was truncated since it was last read, whose fingerprint and last
-        bytes read the new file holds at the same places. True: ``t`` is a file of its own.
-        None: ``t`` starts like a tracked file that was not truncated: wait (a copytruncate
-        in progress) for up to ROTATED_GRACE_SECONDS before reading it as a file of its own."""
+    @staticmethod
+    def _identity(o: Tracked) -> dict[str, Any]:
+        return {"path": o.path, "offset": o.offset, "line": o.line, "skipping": o.skipping,
+                "fingerprint": o.fingerprint, "fp_len": o.fp_len, "tail_fp": o.tail_fp,
+                "tail_len": o.tail_len}
+
+    def _copy_of(self, t: Tracked) -> dict[str, Any] | bool | None:
+        """What the new file ``t`` is (copytruncate with the copies in the glob):
+
+        - the position (``_identity``) of a tracked file it is a copy of: one that was
+          truncated (just now, or not read since), whose fingerprint and last bytes read the
+          new file holds at the same places; read on from there;
+        - None: a byte prefix (by its first and last bytes, empty included) of a tracked file
+          that was not truncated: a copy under way, or done and waiting for the truncation;
+          decided again at the next pass (never read while it stays one: its events are those
+          of the file it copies);
+        - True: a file of its own, read from its start."""
         assert t.fh is not None
+        size = os.fstat(t.fh.fileno()).st_size
         heads: dict[int, str] = {}
-        wait = False
-        for o in list(self.files.values()):
-            if not o.offset or not o.fp_len or size < o.fp_len:
-                continue
-            head = heads.get(o.fp_len)
+
+        def holds(ident: dict[str, Any]) -> bool:
+            fp_len, offset = ident["fp_len"], ident["offset"]
+            if not offset or not fp_len or size < offset:
+                return False
+            assert t.fh is not None
+            head = heads.get(fp_len)
             if head is None:
-                head = heads[o.fp_len] = _fingerprint(t.fh, o.fp_len)
-            if head != o.fingerprint:
-                continue
-            if not self._truncated(o):
-                wait = wait or self._prefix_of(t, size, o)
-                continue
-            if size < o.offset:
-                continue
-            if o.tail_len:
-                t.fh.seek(o.offset - o.tail_len)
-                if _hash(t.fh.read(o.tail_len)) != o.tail_fp:
-                    continue
-            return o
-        if wait:
-            since = self._waiting.setdefault(t.key, self.clock())
-            if self.clock() - since <= ROTATED_GRACE_SECONDS:
+                head = heads[fp_len] = _fingerprint(t.fh, fp_len)
+            if head != ident["fingerprint"]:
+                return False
+            if ident["tail_len"]:
+                t.fh.seek(offset - ident["tail_len"])
+                return bool(_hash(t.fh.read(ident["tail_len"])) == ident["tail_fp"])
+            return True
+
+        for o in list(self.files.values()):
+            if not o.claimed and holds(self._identity(o)) and self._truncated(o):
+                o.claimed = True  # its truncation is read next: no record of it is kept
+                return self._identity(o)
+        for k, (_, ident) in list(self._cut.items()):
+            if holds(ident):
+                del self._cut[k]
+                return ident
+        for o in list(self.files.values()):
+            if o.offset and self._prefix_of(t, size, o):
                 return None
-            log.info("%s starts like a file already read; reading it as a file of its own",
-                     t.path)
         return True
 
-    @staticmethod
-    def _prefix_of(t: Tracked, size: int, o: Tracked) -> bool:
-        """Whether the new file ``t`` (``size`` bytes) ends with the bytes ``o`` holds at the
-        same place, ``o`` being no shorter: a copy of ``o`` under way, or done."""
-        assert t.fh is not None
-        if o.fh is None:
-            return False
+    def _peek(self, o: Tracked) -> tuple[BinaryIO, bool] | None:
+        """A handle on the tracked file ``o``: its own, or a new one if it is closed (True:
+        to be closed after use); None if it cannot be opened."""
+        if o.fh is not None:
+            return o.fh, False
         try:
-            if os.fstat(o.fh.fileno()).st_size < size:
+            fh = open(o.path, "rb", buffering=0)  # noqa: SIM115
+        except OSError:
+            return None
+        try:
+            fst = os.fstat(fh.fileno())
+        except OSError:
+            fh.close()
+            return None
+        if f"{fst.st_dev}:{fst.st_ino}" != o.key:
+            fh.close()
+            return None
+        return fh, True
+
+    def _prefix_of(self, t: Tracked, size: int, o: Tracked) -> bool:
+        """Whether the new file ``t`` (``size`` bytes) holds the bytes ``o`` holds at the same
+        places, at its start and at its end, ``o`` being no shorter: a copy of ``o`` under
+        way, or done (an empty file is a copy just begun)."""
+        assert t.fh is not None
+        peek = self._peek(o)
+        if peek is None:
+            return False
+        fh, own = peek
+        try:
+            if os.fstat(fh.fileno()).st_size < size:
                 return False
-            start = max(0, size - TAIL_BYTES)
-            t.fh.seek(start)
-            o.fh.seek(start)
-            return t.fh.read(size - start) == o.fh.read(size - start)
+            for start, end in ((0, min(size, FINGERPRINT_BYTES)),
+                               (max(0, size - TAIL_BYTES), size)):
+                t.fh.seek(start)
+                fh.seek(start)
+                if t.fh.read(end - start) != fh.read(end - start):
+                    return False
+            return True
         except OSError:
             return False
+        finally:
+            if own:
+                fh.close()
+
+    def _truncated(self, t: Tracked) -> bool:
+        """Whether ``t`` was cut back below its read position, or rewritten from its start."""
+        peek = self._peek(t)
+        if peek is None:
+            return False
+        fh, own = peek
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            return size < t.offset or _fingerprint(fh, t.fp_len) != t.fingerprint
+        except OSError:
+            return False
+        finally:
+            if own:
+                fh.close()
 
     @staticmethod
-    def _truncated(t: Tracked) -> bool:
-        """Whether ``t`` was cut back below its read position, or rewritten from its start."""
+    def _list_inodes(d: str, dev: int) -> dict[int, str] | None:
+        """The entries of directory ``d`` by inode; None if it cannot be listed, or is not on
+        device ``dev`` (a mount point: its inodes are another file system's)."""
         try:
-            if t.fh is None:
-                st = os.stat(t.path)
-                return f"{st.st_dev}:{st.st_ino}" == t.key and st.st_size < t.offset
-            size = os.fstat(t.fh.fileno()).st_size
-            return size < t.offset or _fingerprint(t.fh, t.fp_len) != t.fingerprint
+            if os.stat(d).st_dev != dev:
+                return None
+            with os.scandir(d) as entries:
+                return {e.inode(): e.path for e in entries}
         except OSError:
-            return False
+            return None
+
+    def _drop_deleted_saved(self) -> None:
+        """Follow the files of saved positions within the directory of their last known path
+        (a rotated file renamed on: .1, .2, ...), and drop the position of one that was found
+        there (``located``) and is no longer there: deleted (by its rotation, as a rule). One
+        never found there (moved to another directory, whose directory is missing or cannot
+        be listed: moved away, a share that is unreachable) is kept for FORGET_UNSEEN_SECONDS:
+        it may come back."""
+        listed: dict[tuple[str, int], dict[int, str] | None] = {}
+        gone: list[str] = []
+        moved: dict[str, dict[str, Any]] = {}
+        for k, p in list(self._saved.items()):
+            try:
+                d, dev, ino = os.path.dirname(str(p["path"])) or ".", int(p["dev"]), int(p["ino"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if (d, dev) not in listed:
+                listed[d, dev] = self._list_inodes(d, dev)
+            found = listed[d, dev]
+            if found is None:
+                continue
+            path = found.get(ino)
+            if path is None:
+                if p.get("located"):
+                    gone.append(k)
+            elif path != p["path"] or not p.get("located"):
+                moved[k] = {**p, "path": path, "located": True}
+        if not gone and not moved:
+            return
+        with self.sink.lock:
+            for k in gone:
+                self._saved.pop(k, None)
+            for k, p in moved.items():
+                if k in self._saved:
+                    self._saved[k] = p
+        if gone:
+            log.info("dropped the saved read positions of %d deleted files", len(gone))
 
     @staticmethod
     def _resume(t: Tracked, saved: dict[str, Any]) -> None:
@@ -529,12 +751,20 @@ class FileTailer:
         that comes back (its directory moved away and back, a share that was unreachable) is
         read on from there, not counted again from its start."""
         pending, deleted = 0, False
+        where: dict[str, Any] = {}
         if t.fh is not None:
             try:
                 deleted = os.fstat(t.fh.fileno()).st_nlink == 0
                 pending = _size(t, t.fh, readable) - t.offset
             except OSError:
                 pending = 0
+            if not deleted:
+                # Where it is now (a rotated file: renamed in its directory): its position
+                # is dropped once it is no longer there (_drop_deleted_saved).
+                path = (self._list_inodes(os.path.dirname(t.path) or ".", t.dev)
+                        or {}).get(t.ino)
+                if path is not None:
+                    where = {"path": path, "located": True}
         elif t.seen_size > t.offset:
             pending = t.seen_size - t.offset  # closed after its last read: a partial line
         with self.sink.lock:
@@ -546,12 +776,14 @@ class FileTailer:
                 t.skipping = True  # should it come back finished: the rest is skipped
             del self.files[t.key]
             if not deleted:
-                self._saved[t.key] = {**t.position(), "unseen_since": self.clock()}
+                self._saved[t.key] = {**t.position(), "unseen_since": self.clock(), **where}
         self._close(t)
 
     def close(self) -> None:
         for t in self.files.values():
             self._close(t)
+        for p in list(self._pending.values()):
+            self._drop_pending(p)
         self._open_files.clear()
 
     def _read(self, t: Tracked, readable: Readable | None = None) -> int:
@@ -585,6 +817,9 @@ class FileTailer:
             ):
                 log.warning("%s: truncated (size %d, offset %d); reading from the start",
                             t.path, size, t.offset)
+                if t.offset and not t.claimed:
+                    self._cut[t.key] = (self.clock(), self._identity(t))
+                t.claimed = False
                 t.offset, t.line, t.skipping, t.fp_len, t.fingerprint = 0, 0, False, 0, ""
                 t.tail_len = 0
             if t.fp_len < FINGERPRINT_BYTES and size > t.fp_len:
@@ -625,6 +860,10 @@ class FileTailer:
         now = self.clock()
         limit = now + MAX_TS_AHEAD_SECONDS
         limit_dt = datetime.fromtimestamp(limit, UTC)
+        # The limit in the offset of the events' ts (one object per offset, as a rule):
+        # datetimes with the same tzinfo object compare without calling utcoffset().
+        limit_tz: Any = UTC
+        limit_in_tz = limit_dt
         newest = float("-inf")
         newest_dt = _DT_MIN
         untimed = False
@@ -666,7 +905,10 @@ class FileTailer:
                 untimed = True
             elif ts.__class__ is datetime:
                 if ts > newest_dt:  # type: ignore[operator]
-                    if ts > limit_dt:  # type: ignore[operator]
+                    if ts.tzinfo is not limit_tz:  # type: ignore[union-attr]
+                        limit_tz = ts.tzinfo  # type: ignore[union-attr]
+                        limit_in_tz = limit_dt.astimezone(limit_tz)
+                    if ts > limit_in_tz:  # type: ignore[operator]
                         self._reject(t, first_line + i, ts_ahead(ev, now)
                                      or Rejected("out_of_range", "`$.ts` too far ahead"))
                         continue
@@ -681,9 +923,16 @@ class FileTailer:
             ok += 1
         t.line += len(lines)
         if ok:
-            if not untimed and newest_dt is not _DT_MIN:
-                newest = max(newest, newest_dt.timestamp())
-            sink.accepted(source, ok, None if untimed else newest)
+            # The lag is that of the newest event read by the whole pass, from any file: the
+            # newest so far is handed over with every chunk, so the last one sets it.
+            acc: float | None = None
+            if not untimed:
+                if newest_dt is not _DT_MIN:
+                    newest = max(newest, newest_dt.timestamp())
+                prev = self._newest.get(source, newest)
+                acc = None if prev is None else max(prev, newest)
+            self._newest[source] = acc
+            sink.accepted(source, ok, acc)
         return len(lines)
 
     def _reject(self, t: Tracked, line_no: int, rej: Rejected) -> None:
