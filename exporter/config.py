@@ -231,6 +231,10 @@ class TaskDbSource(_Model):
     @field_validator("url_env", mode="wrap")
     @classmethod
     def _env_name(cls, v: Any, handler: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            # An empty value (a templated config with the variable left out) means unset,
+            # as it always did: url is then required.
+            return None
         try:
             return handler(v)
         except ValidationError:

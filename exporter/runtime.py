@@ -102,8 +102,8 @@ class Exporter:
         # First of all: one process per state directory. A second one would rewrite the
         # files the first appends to (the idempotency index, the state file), losing data.
         self.state_lock = StateLock(cfg.exporter.state_dir)
-        self.state_lock.acquire()
         try:
+            self.state_lock.acquire()  # a failed acquire holds nothing; release() is a no-op
             self._init(cfg, registry)
         except BaseException:
             server: Server | None = getattr(self, "server", None)
@@ -260,20 +260,22 @@ class Exporter:
             self.checkpointer.try_checkpoint()
 
     def stop(self) -> None:
-        self.stop_event.set()
-        self.server.stop()
-        for t in self.threads:
-            t.join(timeout=10)
         try:
-            self.checkpointer.checkpoint()
-        except OSError:
-            log.exception("final state write failed")
-        self.tailer.close()
-        if self.journal is not None:
-            self.journal.close()
-        if self.idempotency is not None:
-            self.idempotency.close()
-        self.state_lock.release()
+            self.stop_event.set()
+            self.server.stop()
+            for t in self.threads:
+                t.join(timeout=10)
+            try:
+                self.checkpointer.checkpoint()
+            except OSError:
+                log.exception("final state write failed")
+            self.tailer.close()
+            if self.journal is not None:
+                self.journal.close()
+            if self.idempotency is not None:
+                self.idempotency.close()
+        finally:
+            self.state_lock.release()
 
 
 class _StateWriteFailures(Collector):

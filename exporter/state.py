@@ -52,18 +52,31 @@ class StateLock:
             raise RuntimeError(f"exporter.state_dir: cannot use {self.dir}: "
                                f"{exc.strerror or exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise RuntimeError(f"exporter.state_dir: cannot lock {self.path}: "
-                                   f"{exc.strerror or exc}") from exc
-            pid = f", pid {holder}" if holder.isdigit() else ""
-            raise StateDirInUse(f"exporter.state_dir: {self.dir} is already used by another "
-                                f"running exporter{pid}") from None
-        os.ftruncate(fd, 0)
-        write_all(fd, f"{os.getpid()}\n".encode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                try:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                except OSError:
+                    holder = ""
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                    raise RuntimeError(f"exporter.state_dir: cannot lock {self.path}: "
+                                       f"{exc.strerror or exc}") from exc
+                pid = f", pid {holder}" if holder.isdigit() else ""
+                raise StateDirInUse(f"exporter.state_dir: {self.dir} is already used by "
+                                    f"another running exporter{pid}") from None
+            # The lock is ours. The pid is only for the message of a second start: a full
+            # disk (or any write error) must not stop this one, which then serves the last
+            # snapshot (docs/exporter.md).
+            try:
+                os.ftruncate(fd, 0)
+                write_all(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:
+                log.warning("cannot write the pid to %s (%s); holding the lock without it",
+                            self.path, exc.strerror or exc)
+        except BaseException:
+            os.close(fd)  # closing drops the flock, if taken: a failed acquire holds nothing
+            raise
         self._fd = fd
 
     def release(self) -> None:
@@ -71,6 +84,8 @@ class StateLock:
             fd, self._fd = self._fd, None
             try:
                 os.ftruncate(fd, 0)
+            except OSError:
+                pass  # a stale pid is harmless: only a held lock means "in use"
             finally:
                 os.close(fd)
 

@@ -308,7 +308,8 @@ def test_task_db_docs_example_is_valid() -> None:
 
 @pytest.mark.parametrize(("settings", "location", "message"), [
     ({"table": "tasks"}, "sources.task_db.url", "sources.task_db.url_env"),
-    ({"url_env": ""}, "sources.task_db.url_env", "environment variable name"),
+    # An empty url_env is not given (as before it was validated): url is then required.
+    ({"url_env": ""}, "sources.task_db.url", "sources.task_db.url_env"),
     ({"url_env": "HAS SPACE", "url": "sqlite:///x.db"}, "sources.task_db.url_env",
      "environment variable name"),
 ])
@@ -317,6 +318,18 @@ def test_task_db_needs_url_or_url_env(settings: dict, location: str, message: st
         parse_config(config_dict(sources={"task_db": settings}), "config.json")
     locs = dict(exc.value.errors)
     assert location in locs and message in locs[location], exc.value.errors
+
+
+@pytest.mark.parametrize("url_env", ["", "  "])
+def test_task_db_empty_url_env_is_unset(url_env: str) -> None:
+    """An empty url_env (e.g. from a templated config) with a url is valid and means unset,
+    as it did before url_env was validated as a variable name: the url is used."""
+    from exporter.sources.taskdb import _resolve_url
+
+    cfg = parse_config(config_dict(sources={"task_db": {
+        "url": "sqlite:///tasks.db", "url_env": url_env}}), "config.json")
+    assert cfg.sources.task_db is not None and cfg.sources.task_db.url_env is None
+    assert _resolve_url(cfg.sources.task_db) == ("sqlite:///tasks.db", "sources.task_db.url")
 
 
 @pytest.mark.parametrize("value", [None, "", "  \n"])

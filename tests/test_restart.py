@@ -8,6 +8,7 @@ the end the totals must equal the lines written and the pushed lines acknowledge
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -16,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import config_dict, eventually
@@ -287,3 +290,126 @@ def test_a_second_exporter_on_the_same_state_dir_refuses_to_start(tmp_path: Path
     first.handle.kill9()
     first.start()
     first.handle.stop()
+
+
+# --- the state lock on a full disk (in-process) ---------------------------------------------
+
+
+class _Os:
+    """``os`` as exporter.state sees it, with ``write`` and ``ftruncate`` replaced."""
+
+    def __init__(self, fail: BaseException) -> None:
+        self._fail = fail
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: object) -> int:
+        raise self._fail
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        raise self._fail
+
+
+def _full_disk() -> _Os:
+    return _Os(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+
+def _counters(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        if fam.type in ("counter", "histogram") and fam.name.startswith("aicrm_"):
+            out.update({(s.name, tuple(sorted(s.labels.items()))): s.value for s in fam.samples})
+    return out
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_state_lock_is_taken_on_a_full_disk(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pid in the lock file is only for a second start's message: on a full disk the
+    lock is still taken (and refuses a second holder, in this process too), and released."""
+    from exporter import state
+
+    fds = _open_fds()
+    monkeypatch.setattr(state, "os", _full_disk())
+    lock = state.StateLock(tmp_path / "state")
+    lock.acquire()
+    try:
+        with pytest.raises(state.StateDirInUse, match="already used by another running"):
+            state.StateLock(tmp_path / "state").acquire()
+    finally:
+        lock.release()
+    assert _open_fds() == fds
+    again = state.StateLock(tmp_path / "state")
+    again.acquire()
+    again.release()
+    assert _open_fds() == fds
+
+
+def test_a_failed_state_lock_acquire_holds_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever stops an acquire after the flock (here an interrupt while writing the pid),
+    the descriptor is closed and the lock dropped: a retry in the same process takes it."""
+    from exporter import state
+
+    fds = _open_fds()
+    with monkeypatch.context() as m:
+        m.setattr(state, "os", _Os(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            state.StateLock(tmp_path / "state").acquire()
+    assert _open_fds() == fds
+    lock = state.StateLock(tmp_path / "state")
+    lock.acquire()
+    lock.release()
+
+
+def test_exporter_starts_on_a_full_disk_and_serves_the_last_snapshot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/exporter.md: on a full disk the exporter keeps serving the values of the last
+    snapshot, a restart included (the lock's pid cannot be written either)."""
+    from exporter import state
+    from exporter.config import parse_config
+    from exporter.runtime import Exporter
+
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "a.jsonl").write_text("".join(_line(i) + "\n" for i in (2, 4, 6)))
+    cfg = parse_config(config_dict(
+        sources={"event_logs": [{"name": "logs", "path": str(tmp_path / "events" / "*.jsonl")}]},
+        exporter={"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "state")}))
+
+    def start() -> Exporter:
+        return Exporter(cfg, registry=CollectorRegistry(auto_describe=False))
+
+    def stop(e: Exporter) -> None:
+        e.server.httpd.server_close()
+        e.tailer.close()
+        e.state_lock.release()
+
+    first = start()
+    try:
+        first.tailer.poll()
+        served = first.render()
+    finally:
+        stop(first)
+    assert _counters(served)[("aicrm_agent_task_results_total", (
+        ("agent", "lead-qualifier"), ("outcome", "success"), ("task_type", "qualify_lead")))] == 3
+
+    monkeypatch.setattr(state, "os", _full_disk())  # no state file or lock pid can be written
+    (tmp_path / "events" / "a.jsonl").write_text("".join(_line(i) + "\n" for i in (8, 12)))
+    second = start()
+    try:
+        second.tailer.poll()
+        # The counters as the last snapshot holds them, not the lines read since.
+        now = _counters(second.render())
+        assert now.pop((FAILURES, ())) == 1  # the process's own count: not in the snapshot
+        assert now == {k: v for k, v in _counters(served).items() if k[0] != FAILURES}
+        with pytest.raises(state.StateDirInUse):
+            state.StateLock(tmp_path / "state").acquire()
+    finally:
+        stop(second)
+    lock = state.StateLock(tmp_path / "state")
+    lock.acquire()
+    lock.release()

@@ -306,6 +306,49 @@ def test_window_reread_does_not_double_count(db: Db, cfg: Config, clock: Clock) 
         assert sink.snap.open[("qualify_lead", "running")] == 0
 
 
+def test_a_row_leaving_the_window_does_not_hide_one_entering_it(
+        db: Db, cfg: Config, clock: Clock) -> None:
+    """In one poll interval a row leaves the window (reopened, deleted) and another enters it
+    at or below the mark (a late commit, a tie at the mark): the window holds as many rows as
+    before, yet not the same ones. The entering row is counted once, by this run and by a
+    restart alike."""
+    sink = FakeSink()
+    db.insert(done("x", finished=30), done("m", finished=10))  # m sets the mark
+    with reader(db, cfg, sink, clock) as r:
+        r.poll_once()
+        assert counted(sink.snap) == 2
+        db.update("x", status="running", finished_at=None)  # reopened
+        db.insert(done("y", finished=20))  # committed late, below the mark
+        clock.now += 1
+        r.poll_once()
+        assert counted(sink.snap) == 3 and sink.accepted_rows == 3
+        for _ in range(2):
+            clock.now += 1
+            r.poll_once()
+        assert counted(sink.snap) == 3 and sink.accepted_rows == 3
+
+        # A row of the window deleted, and one finishing at the mark's instant (a tie).
+        delete(db, "m")
+        db.insert(done("tie", finished=10))
+        clock.now += 1
+        r.poll_once()
+        assert counted(sink.snap) == 4 and sink.accepted_rows == 4
+
+        # The reopened row finishes again: it did finish twice.
+        db.update("x", status="completed", finished_at=ago(-5))
+        clock.now += 10
+        r.poll_once()
+        assert counted(sink.snap) == 5 and sink.accepted_rows == 5
+    served = counted(sink.snap)
+
+    again = FakeSink()
+    again.saved, again.saved_tasks = sink.saved_state()
+    with reader(db, cfg, again, clock) as r:
+        r.poll_once()
+        r.poll_once()
+    assert counted(again.snap) == served and again.accepted_rows == 0
+
+
 def test_restart_gives_same_values(db: Db, cfg: Config, clock: Clock) -> None:
     db.insert(done("a", finished=5000), done("b", "failed", finished=3000),
               done("c", agent="ghost", task_type="ghost-type", finished=100),

@@ -34,13 +34,17 @@ from datetime import time as dt_time
 from typing import Any, Protocol
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Float,
+    String,
+    Text,
     and_,
     bindparam,
     case,
     cast,
     create_engine,
+    event,
     extract,
     func,
     literal,
@@ -132,6 +136,32 @@ def _seconds(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
     )
 
 
+SQLITE_ID_HASH = "aicrm_id_hash"
+"""The function the reader registers on its SQLite connections (``_sqlite_id_hash``)."""
+
+
+def _sqlite_id_hash(value: Any) -> int:
+    """32 bits of Python's hash of an id as SQLite stores it (SQLite has no hash function of
+    its own). It differs between processes, which does not matter: the reader compares it only
+    with what the same process read."""
+    return hash(value) & 0xFFFFFFFF
+
+
+def _id_hash(dialect: str, col: Any) -> ColumnElement[Any]:
+    """A 32-bit hash of an id, computed by the database: the window check sums it over the
+    window's rows and compares the sum with the one over the ids seen there, which it read
+    with the rows (so it only has to be the same for one id from one query to the next)."""
+    if dialect == "postgresql":
+        return func.hashtext(cast(col, Text))
+    if dialect == "sqlite":
+        return getattr(func, SQLITE_ID_HASH)(col)
+    if dialect in ("mysql", "mariadb"):
+        return func.crc32(cast(col, String))
+    if dialect == "mssql":
+        return func.checksum(col)
+    raise ValueError(f"sources.task_db.url: the {dialect!r} dialect is not supported")
+
+
 def _unreadable(dialect: str, col: Any) -> ColumnElement[Any] | None:
     """True where a timestamp is set but cannot be read: only SQLite stores any value in any
     column (SQLAlchemy writes text that julianday() reads)."""
@@ -189,6 +219,7 @@ class _Queries:
             else_=_OK,
         )
         self.finished = c.finished_at
+        self.id_hash = _id_hash(dialect, c.id)
         # One row as both reads see it: (id, task_type, agent, status, finished_at,
         # reason, duration, wait, duration bucket, wait bucket).
         self.row = select(
@@ -278,10 +309,17 @@ class _Queries:
             t(self.finished).in_([t(m) for m in marks]))
 
     def rows_above(self, floor: datetime | None) -> Any:
-        return self.row if floor is None else self.row.where(self.finished > floor)
+        """The rows above ``floor``, each with its id's hash (``_id_hash``) last."""
+        q = self.row.add_columns(self.id_hash.label("id_hash"))
+        return q if floor is None else q.where(self.finished > floor)
 
     def window_count(self, floor: datetime | None, mark: datetime) -> Any:
-        q = select(func.count()).select_from(self.table).where(self.finished <= mark)
+        """(count, sum of the ids' hashes) of the rows with ``floor < finished_at <= mark``:
+        one range of the finished_at index."""
+        h = self.id_hash
+        total = func.sum(cast(h, BigInteger) if self.dialect == "mssql" else h)
+        q = select(func.count(), func.coalesce(total, 0)).select_from(self.table).where(
+            self.finished <= mark)
         return q if floor is None else q.where(self.finished > floor)
 
 
@@ -488,7 +526,12 @@ def _engine(url: str, settings: TaskDbSource) -> Engine:
         args = {"timeout": timeout}
     elif backend in ("mysql", "mariadb"):
         args = {"connect_timeout": max(1, math.ceil(timeout))}
-    return create_engine(url, pool_pre_ping=True, connect_args=args)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+    if backend == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _register(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.create_function(SQLITE_ID_HASH, 1, _sqlite_id_hash, deterministic=True)
+    return engine
 
 
 class TaskDbReader:
@@ -527,6 +570,10 @@ class TaskDbReader:
         """Newest finished_at read so far, capped at now; rows above it are new."""
         self._seen: dict[Any, datetime] = {}
         """Ids read above the floor (counted or rejected), with the finished_at read."""
+        self._hashes: dict[Any, int] = {}
+        """The database's hash of each id in ``_seen`` (``_id_hash``), and their sum: the
+        window check compares it with the window's."""
+        self._hash_sum = 0
         self._heap: list[tuple[datetime, Any]] = []
         self._top: set[Any] = set()
         """Seen ids whose finished_at is at or above the mark: saved with it."""
@@ -652,10 +699,15 @@ class TaskDbReader:
             read.rows = list(conn.execute(q.rows_above(self._floor)))
             read.full_window = True
         else:
-            in_window = conn.execute(q.window_count(self._floor, self._mark)).scalar_one()
+            in_window, hash_sum = conn.execute(q.window_count(self._floor, self._mark)).one()
             # Anything but exactly the rows already seen: a late commit, a row still pending
-            # (open status with finished_at) or a deletion. Re-read the window then.
-            read.full_window = in_window != len(self._seen) - len(self._ahead)
+            # (open status with finished_at), a deletion, a reopened row, or one of those
+            # leaving while a late commit enters (the count alone would not change). Re-read
+            # the window then.
+            hashes = self._hashes
+            ahead_sum = sum(hashes[i] for i in self._ahead)
+            read.full_window = (in_window != len(self._seen) - len(self._ahead)
+                                or int(hash_sum) != self._hash_sum - ahead_sum)
             floor = self._floor if read.full_window else self._mark
             read.rows = list(conn.execute(q.rows_above(floor)))
         read.open = list(conn.execute(q.open))
@@ -726,7 +778,7 @@ class TaskDbReader:
         added: list[Any] = []
         mark = self._mark
         settled = None if read.initial else self._floor
-        for id_, tt, ag, st, raw_fin, reason, dur, wait, dur_b, wait_b in read.rows:
+        for id_, tt, ag, st, raw_fin, reason, dur, wait, dur_b, wait_b, id_hash in read.rows:
             fetched.add(id_)
             if id_ in self._unreadable:
                 continue
@@ -745,7 +797,12 @@ class TaskDbReader:
             assert fin is not None  # the query reads finished_at IS NOT NULL
             if mark is None or fin > mark:
                 mark = fin
-            if id_ in self._seen or reason == _OPEN:
+            if id_ in self._seen:
+                if self._hashes[id_] != id_hash:  # the database hashes it differently now
+                    self._hash_sum += int(id_hash) - self._hashes[id_]
+                    self._hashes[id_] = int(id_hash)
+                continue
+            if reason == _OPEN:
                 continue
             if settled is not None and fin <= settled:
                 # At or below the floor, yet returned: stored in another format than the
@@ -753,6 +810,8 @@ class TaskDbReader:
                 # while above the floor or by the start-up aggregate; never count it again.
                 continue
             self._seen[id_] = fin
+            self._hashes[id_] = int(id_hash)
+            self._hash_sum += int(id_hash)
             heapq.heappush(self._heap, (fin, id_))
             added.append(id_)
             new = saved is None or saved.new(id_, fin)
@@ -769,7 +828,7 @@ class TaskDbReader:
         if read.full_window:
             # Ids above the floor that are gone (deleted, reopened): forget them.
             for id_ in [i for i in self._seen if i not in fetched]:
-                del self._seen[id_]
+                self._forget(id_)
                 if id_ in self._top:
                     self._top.discard(id_)
                     self._ahead.discard(id_)
@@ -872,7 +931,7 @@ class TaskDbReader:
         while heap and heap[0][0] <= self._floor:
             fin, id_ = heapq.heappop(heap)
             if seen.get(id_) == fin:
-                del seen[id_]
+                self._forget(id_)
         if len(heap) > 2 * len(seen) + 1024:
             self._heap = [(f, i) for i, f in seen.items()]
             heapq.heapify(self._heap)
@@ -889,6 +948,11 @@ class TaskDbReader:
             self._top.update(grown)
             self._ahead.update(i for i in grown if seen[i] > mark)
             self._saved_position = None
+
+    def _forget(self, id_: Any) -> None:
+        """Drop a seen id (below the floor now, or gone from the window)."""
+        del self._seen[id_]
+        self._hash_sum -= self._hashes.pop(id_)
 
     def _tally(self, tt: str | None, ag: str | None, reason: str, n: int,
                rejects: Counter[str], overflow: Counter[str]) -> int:
