@@ -231,6 +231,21 @@ class ErrorLog:
             log.error(msg, *args)
 
 
+def _open_same(path: str, key: str) -> BinaryIO | None:
+    """A new handle on ``path`` if it is still the file ``key`` (``dev:ino``), None if another
+    file is at that name now (a rotation since it was seen); open()'s OSError is the caller's."""
+    fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, or here
+    try:
+        fst = os.fstat(fh.fileno())
+    except OSError:
+        fh.close()
+        return None
+    if f"{fst.st_dev}:{fst.st_ino}" != key:
+        fh.close()
+        return None
+    return fh
+
+
 class FileTailer:
     """Reads new complete lines from every watched file and hands them to the sink."""
 
@@ -485,7 +500,7 @@ class FileTailer:
     def _open_again(self, t: Tracked) -> BinaryIO | None:
         """A new handle on the closed file ``t`` at its path; None if it is not there."""
         try:
-            fh = open(t.path, "rb", buffering=0)  # noqa: SIM115
+            return _open_same(t.path, t.key)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -493,15 +508,6 @@ class FileTailer:
                             t.source, t.path, exc)
             self.sink.source_status(t.source, False)
             return None
-        try:
-            fst = os.fstat(fh.fileno())
-        except OSError:
-            fh.close()
-            return None
-        if f"{fst.st_dev}:{fst.st_ino}" != t.key:
-            fh.close()
-            return None
-        return fh
 
     def _drop_pending(self, p: Tracked) -> None:
         self._pending.pop(p.key, None)
@@ -626,18 +632,10 @@ class FileTailer:
         if o.fh is not None:
             return o.fh, False
         try:
-            fh = open(o.path, "rb", buffering=0)  # noqa: SIM115
+            fh = _open_same(o.path, o.key)
         except OSError:
             return None
-        try:
-            fst = os.fstat(fh.fileno())
-        except OSError:
-            fh.close()
-            return None
-        if f"{fst.st_dev}:{fst.st_ino}" != o.key:
-            fh.close()
-            return None
-        return fh, True
+        return None if fh is None else (fh, True)
 
     def _prefix_of(self, t: Tracked, size: int, o: Tracked) -> bool:
         """Whether the new file ``t`` (``size`` bytes) holds the bytes ``o`` holds at the same
