@@ -617,10 +617,9 @@ def exporter_config(db: Db, tmp_path: Path) -> Config:
                                       "state_dir": str(tmp_path / "state")}})
 
 
-def run_exporter(cfg: Config, *while_running: Callable[[], object]) -> tuple[float | None, ...]:
+def _served(cfg: Config, *while_running: Callable[[], object]) -> CollectorRegistry:
     """Start an exporter, poll the table and scrape (which persists); then for each of
-    ``while_running``, call it, poll and scrape again; stop. The self counters as served last:
-    (events, rejected as unknown_status, task_type overflows)."""
+    ``while_running``, call it, poll and scrape again; stop. Its registry, as served last."""
     from exporter.runtime import Exporter
 
     registry = CollectorRegistry(auto_describe=False)
@@ -636,7 +635,13 @@ def run_exporter(cfg: Config, *while_running: Callable[[], object]) -> tuple[flo
         e.server.httpd.server_close()
         e.taskdb.close()
         e.state_lock.release()
-    get = registry.get_sample_value
+    return registry
+
+
+def run_exporter(cfg: Config, *while_running: Callable[[], object]) -> tuple[float | None, ...]:
+    """``_served``'s self counters: (events, rejected as unknown_status, task_type
+    overflows)."""
+    get = _served(cfg, *while_running).get_sample_value
     return (get("aicrm_source_events_total", {"source": SOURCE}),
             get("aicrm_source_rejected_events_total",
                 {"source": SOURCE, "reason": "unknown_status"}),
@@ -711,23 +716,8 @@ def test_exporter_restart_after_a_purge_while_running_counts_the_new_rows(
 
 
 def run_tasks(cfg: Config, *while_running: Callable[[], object]) -> dict[str, float | None]:
-    """As ``run_exporter``; the task families as served last."""
-    from exporter.runtime import Exporter
-
-    registry = CollectorRegistry(auto_describe=False)
-    e = Exporter(cfg, registry=registry)
-    try:
-        e.taskdb.poll_once()
-        e.render()
-        for action in while_running:
-            action()
-            e.taskdb.poll_once()
-            e.render()
-    finally:
-        e.server.httpd.server_close()
-        e.taskdb.close()
-        e.state_lock.release()
-    get = registry.get_sample_value
+    """``_served``'s task families."""
+    get = _served(cfg, *while_running).get_sample_value
     series = {"task_type": "qualify_lead", "agent": "lead-qualifier"}
     return {
         "completed": get("aicrm_tasks_total", {**series, "status": "completed"}),
