@@ -22,6 +22,7 @@ from exporter.config import Config, ConfigError, load_config, parse_config
 from . import errors, observability, validation
 from .cache import RedisCache, ResponseCache, cache_key, make_cache
 from .common import CACHE_PREFETCH, SERVICES, Services, is_cached
+from .direct import DirectAnswers, DirectRoute, planned_of
 from .hits import ADMISSION, Admission, CachedHits, CachedRoute
 from .observability import RequestMetrics
 from .promql import PrometheusClient
@@ -189,6 +190,19 @@ def create_app(
 
     for bp in (health.bp, tasks.bp, agents.bp, executive.bp, export.bp):
         app.register_blueprint(bp)
+    direct = {
+        rule.rule: DirectRoute(rule.rule, found, cfg.api.require_key_for_all
+                               or rule.endpoint in svc.protected)
+        for rule in app.url_map.iter_rules()
+        if not rule.arguments and "GET" in (rule.methods or ())
+        and (found := planned_of(app.view_functions.get(rule.endpoint))) is not None
+    }
+    if direct:
+        # Inside CachedHits: with the cache on, only a counted, admitted miss comes here.
+        app.wsgi_app = DirectAnswers(  # type: ignore[method-assign]
+            app.wsgi_app, direct, keys=keys, limiter=limiter, prometheus=svc.prometheus,
+            metrics=svc.metrics, cache=cache, cache_ttl=cfg.api.cache_ttl_seconds,
+            cors=bool(cfg.api.cors_origins), logger=logger)
     if cfg.api.cache_ttl_seconds > 0:
         routes = {
             rule.rule: CachedRoute(rule.rule, cfg.api.require_key_for_all

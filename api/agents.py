@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flask import Blueprint, Response, request
+from werkzeug.datastructures import MultiDict
 
-from . import queries, validation
+from . import direct, queries, validation
 from .common import cached, envelope, json_response, quantity, services
+from .promql import Sample
 
 bp = Blueprint("agents", __name__)
 
@@ -47,18 +48,26 @@ def _agent(fields: dict[str, dict[str, float | None]], agent: str) -> dict[str, 
     return out
 
 
-@bp.get("/agent-performance")
-@cached
-def agent_performance() -> Response:
-    args = request.args
+def plan(args: MultiDict[str, str]) -> direct.Plan:
     validation.only(args, PARAMETERS)
     window = validation.window(args, DEFAULT_WINDOW)
     agent = validation.label_value(args, "agent")
-    svc = services()
-    now = time.time()
     expr = queries.expr_of(queries.agent_performance, window.seconds, agent)
-    fields = queries.split_by(svc.prometheus.query(expr, now), "agent")
+    return direct.Plan(expr, window, {"agent": agent})
+
+
+def shape(samples: list[Sample], p: direct.Plan, now: float) -> dict[str, Any]:
+    fields = queries.split_by(samples, "agent")
     # Agents with results or spend in the window.
     active = {a for name, by in fields.items() if name not in NOT_ACTIVITY for a in by if a}
     data = {"agents": [_agent(fields, a) for a in sorted(active)]}
-    return json_response(envelope(window, now, data, filters={"agent": agent}))
+    return envelope(p.window, now, data, filters=p.filters)
+
+
+@bp.get("/agent-performance")
+@direct.planned(plan, shape)
+@cached
+def agent_performance() -> Response:
+    p = plan(request.args)
+    samples, now = direct.answer(services().prometheus, p.expr)
+    return json_response(shape(samples, p, now))

@@ -77,12 +77,12 @@ def envelope(window: Window | None, evaluated_at: float, data: Any,
     return body
 
 
-_encode = msgspec.json.Encoder().encode
+encode_json = msgspec.json.Encoder().encode
+"""Compact JSON (msgspec); values are already null where the backend had no number."""
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    """Compact JSON (msgspec); values are already null where the backend had no number."""
-    return Response(_encode(body), status=status, mimetype="application/json")
+    return Response(encode_json(body), status=status, mimetype="application/json")
 
 
 def is_cached(view: object) -> bool:

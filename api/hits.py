@@ -60,7 +60,7 @@ class CachedRoute:
     needs_key: bool
 
 
-class _EnvironHeaders:
+class EnvironHeaders:
     """The two key headers of a WSGI environ, as ``presented_key`` reads them."""
 
     __slots__ = ("_environ",)
@@ -131,7 +131,7 @@ class CachedHits:
              route: CachedRoute) -> tuple[bytes, WindowState] | None:
         """The body and limiter state of a hit to answer here; None hands the request to Flask
         (with an ``Admission`` in the environ once the limiter has counted it)."""
-        key = presented_key(_EnvironHeaders(environ))
+        key = presented_key(EnvironHeaders(environ))
         if key is not None and self.keys.valid(key):
             client = f"key:{key_id(key)}"
         elif route.needs_key:

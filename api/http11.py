@@ -90,12 +90,27 @@ class Connection:
         """Send a complete request (head and body) and read its answer by ``deadline``
         (time.monotonic()). Raises TimeoutError, OSError (ClosedBeforeAnswer when nothing came
         back), or ProtocolError; the connection is closed on any error."""
+        self.send(request, deadline)
+        return self.receive(deadline)
+
+    def send(self, request: bytes, deadline: float) -> None:
+        """The first half of ``exchange``: the caller may do other work while the backend
+        evaluates, then calls ``receive``. The connection is closed on any error."""
         sock = self.sock
         if sock is None:
             raise ClosedBeforeAnswer("connection is closed")
         try:
             self._settimeout(deadline)
             sock.sendall(request)
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self, deadline: float) -> Answer:
+        """The answer to the request ``send`` sent (interim 1xx answers skipped)."""
+        if self.sock is None:
+            raise ClosedBeforeAnswer("connection is closed")
+        try:
             while True:
                 answer = self._read_answer(deadline)
                 if answer is not None:

@@ -231,18 +231,18 @@ class PrometheusClient:
         body = _form(data) if data is not None else None
         try:
             return self._exchange(method, path, body)
-        except http11.ConnectTimeout:
-            raise BackendUnavailable(
-                f"the metrics backend accepted no connection within {self.connect_timeout:g}s"
-            ) from None
-        except TimeoutError:
-            raise BackendTimeout(
-                f"the metrics backend did not answer within {self.timeout:g}s"
-            ) from None
-        except http11.AnswerTooLarge as exc:
-            raise BackendError(f"the metrics backend's answer is too large: {exc}") from None
-        except OSError:
-            raise BackendUnavailable("the metrics backend is unreachable") from None
+        except OSError as exc:  # timeouts and http11's errors included
+            raise self._transport_error(exc) from None
+
+    def _transport_error(self, exc: OSError) -> ApiError:
+        if isinstance(exc, http11.ConnectTimeout):
+            return BackendUnavailable(
+                f"the metrics backend accepted no connection within {self.connect_timeout:g}s")
+        if isinstance(exc, TimeoutError):
+            return BackendTimeout(f"the metrics backend did not answer within {self.timeout:g}s")
+        if isinstance(exc, http11.AnswerTooLarge):
+            return BackendError(f"the metrics backend's answer is too large: {exc}")
+        return BackendUnavailable("the metrics backend is unreachable")
 
     @staticmethod
     def _data(path: str, status: int, raw: bytes) -> Any:
@@ -270,12 +270,48 @@ class PrometheusClient:
         status, raw = self._fetch(method, path, data)
         return self._data(path, status, raw)
 
+    def _query_form(self, expr: str, at: float | None) -> dict[str, str]:
+        params = {"query": expr, "timeout": f"{self.timeout:g}s"}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        return params
+
     def query(self, expr: str, time: float | None = None) -> list[Sample]:
         """Instant query; a scalar result comes back as one unlabelled sample."""
-        params = {"query": expr, "timeout": f"{self.timeout:g}s"}
-        if time is not None:
-            params["time"] = f"{time:.3f}"
-        status, raw = self._fetch("POST", "/api/v1/query", params)
+        status, raw = self._fetch("POST", "/api/v1/query", self._query_form(expr, time))
+        return self._samples(status, raw)
+
+    def start_query(self, expr: str, at: float) -> PendingQuery | None:
+        """Send an instant query now and read its answer later (``PendingQuery.result``), so
+        that the caller's own work overlaps the backend's evaluation. The connection is this
+        thread's, lent to the pending query: another query meanwhile opens one of its own.
+        None when the query could not be sent (the caller asks with ``query``, which reports
+        the failure)."""
+        request = self._request("POST", "/api/v1/query", _form(self._query_form(expr, at)))
+        deadline = time.monotonic() + self.timeout
+        try:
+            conn = self._connection()
+        except OSError:
+            return None
+        self._local.conn = None
+        reused = conn.exchanges > 0
+        try:
+            conn.send(request, deadline)
+        except OSError:
+            self._forget(conn)
+            return None
+        return PendingQuery(self, expr, at, conn, deadline, reused)
+
+    def _give_back(self, conn: http11.Connection) -> None:
+        """A lent connection returns to its thread, unless the thread has another by now."""
+        held: http11.Connection | None = getattr(self._local, "conn", None)
+        if conn.closed or (held is not None and not held.closed):
+            self._forget(conn)
+        else:
+            self._local.conn = conn
+
+    def _samples(self, status: int, raw: bytes) -> list[Sample]:
+        """An instant query's answer as samples, or the API's error for it."""
         if status == 200:
             try:
                 vector = _decode_vector(raw).data.result
@@ -338,3 +374,48 @@ class PrometheusClient:
     def ping(self) -> None:
         """Raise unless the backend evaluates a trivial query."""
         self.query("vector(1)")
+
+
+class PendingQuery:
+    """An instant query sent by ``PrometheusClient.start_query``; read once with ``result`` or
+    given up with ``abandon``."""
+
+    __slots__ = ("client", "expr", "at", "_conn", "_deadline", "_reused", "done")
+
+    def __init__(self, client: PrometheusClient, expr: str, at: float,
+                 conn: http11.Connection, deadline: float, reused: bool) -> None:
+        self.client = client
+        self.expr = expr
+        self.at = at
+        """The evaluation time sent with the query."""
+        self._conn = conn
+        self._deadline = deadline
+        self._reused = reused
+        self.done = False
+
+    def result(self) -> list[Sample]:
+        """The samples, or the API's error, as ``query(expr, at)`` gives them."""
+        if self.done:
+            raise RuntimeError("a pending query is read once")
+        self.done = True
+        client, conn = self.client, self._conn
+        try:
+            answer = conn.receive(self._deadline)
+        except OSError as exc:
+            client._forget(conn)
+            if self._reused and isinstance(exc, _STALE):
+                # The backend had closed the kept-alive connection: ask again, as query does.
+                return client.query(self.expr, self.at)
+            raise client._transport_error(exc) from None
+        except BaseException:
+            client._forget(conn)
+            raise
+        client._give_back(conn)
+        return client._samples(answer.status, answer.body)
+
+    def abandon(self) -> None:
+        """Close the connection unread: the backend stops evaluating (Prometheus cancels a
+        query whose client has gone) and the thread's next query opens a fresh one."""
+        if not self.done:
+            self.done = True
+            self.client._forget(self._conn)

@@ -24,6 +24,8 @@ from limits import RateLimitItem, parse_many
 from .errors import ApiError
 
 KEY_PREFIX = "aicrm:api:limit:"
+_REFUSED_MAX = 10_000
+"""Refused clients a process remembers (RateLimiter.refused_recently)."""
 
 _SCRIPT = """
 local n = tonumber(ARGV[1])
@@ -219,6 +221,30 @@ class RateLimiter:
         self._windows = [(f"{item.amount}/{item.get_expiry()}", item.get_expiry(), item.amount)
                          for item in self.limits]
         self._failing_since = 0.0
+        self._refused: dict[str, float] = {}
+        """Clients this process has refused, to the end of the window that refused them
+        (monotonic): ``refused_recently``."""
+
+    def refused_recently(self, client: str) -> bool:
+        """Whether this process has refused ``client`` in a window that has not ended yet.
+        Only what this process saw (other workers count in the same windows), so a "no" is
+        no promise: the caller must still ask ``hit``."""
+        until = self._refused.get(client)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        self._refused.pop(client, None)
+        return False
+
+    def _remember_refused(self, client: str, reset_in: float) -> None:
+        now = time.monotonic()
+        if len(self._refused) >= _REFUSED_MAX:
+            self._refused = {c: t for c, t in self._refused.items() if t > now}
+            if len(self._refused) >= _REFUSED_MAX:
+                # Refused clients beyond the bound: forgetting one costs it one early query.
+                self._refused.clear()
+        self._refused[client] = now + reset_in
 
     def hit(self, client: str, prefetch: str | None = None
             ) -> tuple[WindowState | None, bytes | None]:
@@ -238,7 +264,9 @@ class RateLimiter:
                   for item, (count, reset_in) in zip(self.limits, counts, strict=True)]
         exceeded = [s for s in states if s.exceeded]
         if exceeded:
-            return max(exceeded, key=lambda s: s.reset_in), None
+            refusing = max(exceeded, key=lambda s: s.reset_in)
+            self._remember_refused(client, refusing.reset_in)
+            return refusing, None
         return min(states, key=lambda s: s.remaining), body
 
     def close(self) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flask import Blueprint, Response, request
+from werkzeug.datastructures import MultiDict
 
-from . import queries, validation
+from . import direct, queries, validation
 from .common import cached, envelope, json_response, quantity, services
+from .promql import Sample
 
 bp = Blueprint("tasks", __name__)
 
@@ -41,18 +42,17 @@ def _block(fields: dict[str, dict[str, float | None]], level: str,
     }
 
 
-@bp.get("/task-completion")
-@cached
-def task_completion() -> Response:
-    args = request.args
+def plan(args: MultiDict[str, str]) -> direct.Plan:
     validation.only(args, PARAMETERS)
     window = validation.window(args, DEFAULT_WINDOW)
     task_type = validation.label_value(args, "task_type")
     agent = validation.label_value(args, "agent")
-    svc = services()
-    now = time.time()
     expr = queries.expr_of(queries.task_completion, window.seconds, task_type, agent)
-    fields = queries.split_by(svc.prometheus.query(expr, now), "task_type")
+    return direct.Plan(expr, window, {"task_type": task_type, "agent": agent})
+
+
+def shape(samples: list[Sample], p: direct.Plan, now: float) -> dict[str, Any]:
+    fields = queries.split_by(samples, "task_type")
     task_types = {tt for name, by in fields.items() if name.startswith("task_type.")
                   for tt in by if tt}
     data = {
@@ -61,5 +61,13 @@ def task_completion() -> Response:
             {"task_type": tt, **_block(fields, "task_type", tt)} for tt in sorted(task_types)
         ],
     }
-    filters = {"task_type": task_type, "agent": agent}
-    return json_response(envelope(window, now, data, filters=filters))
+    return envelope(p.window, now, data, filters=p.filters)
+
+
+@bp.get("/task-completion")
+@direct.planned(plan, shape)
+@cached
+def task_completion() -> Response:
+    p = plan(request.args)
+    samples, now = direct.answer(services().prometheus, p.expr)
+    return json_response(shape(samples, p, now))
