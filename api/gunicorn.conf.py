@@ -4,9 +4,10 @@ Environment: AICRM_API_BIND (default 0.0.0.0:5000, the container's address), AIC
 (4), AICRM_API_THREADS (2), AICRM_API_TIMEOUT (30 s), AICRM_API_ACCESS_LOG ("-" for stdout,
 a path, or "off"), AICRM_API_CONTROL_SOCKET (gunicornc's socket; none by default),
 AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
-0: one socket shared by all workers), PROMETHEUS_MULTIPROC_DIR (the request metrics' shared
-directory; by default one per master, removed when it exits). Sets AICRM_API_MASTER_PID for the
-workers' process series.
+0: one socket shared by all workers), AICRM_API_KEEPALIVE_LINGER_MS (2: how long a thread waits
+for a kept-alive connection's next request; api/gunicorn_worker.py), PROMETHEUS_MULTIPROC_DIR
+(the request metrics' shared directory; by default one per master, removed when it exits).
+Sets AICRM_API_MASTER_PID for the workers' process series.
 """
 
 import os
@@ -25,6 +26,11 @@ _OWN_DIR = "AICRM_API_OWN_METRICS_DIR"
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWN_DIR] = os.path.join(
         tempfile.gettempdir(), f"aicrm-api-metrics-{os.getuid()}-{os.getpid()}")
+
+# After the metrics directory is set: importing the worker's module loads the app's package.
+from api.gunicorn_worker import linger_ms  # noqa: E402
+
+linger_ms()  # a bad AICRM_API_KEEPALIVE_LINGER_MS stops start-up here, naming the variable
 
 bind = os.environ.get("AICRM_API_BIND", "0.0.0.0:5000")
 workers = int(os.environ.get("AICRM_API_WORKERS", "4"))

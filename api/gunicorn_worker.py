@@ -1,29 +1,89 @@
-"""gunicorn's gthread worker, for a listening socket per worker (``reuse_port``).
+"""gunicorn's gthread worker, for a listening socket per worker (``reuse_port``), serving a
+kept-alive connection's next request in the thread that answered the last one.
 
 With one shared listening socket every worker polls it and whichever wakes first accepts, so a
 burst of connections piles onto one worker (27 of 32 in one benchmark run) and that worker's
 GIL sets the pace. With ``reuse_port`` gunicorn gives each worker its own SO_REUSEPORT socket
 and the kernel spreads new connections over them (11/8/7/6 of 32 in the same benchmark).
 
-What this class changes: a worker told to stop closes its sockets as soon as it stops
-accepting. gthread keeps them open until its last connection is done (up to
-``graceful_timeout``); with a socket of its own, connections the kernel keeps routing to it
-meanwhile would wait unanswered and be reset at the close. Closed at once, the kernel sends new
-connections to the other workers; the few already queued on it are reset (or moved to another
-worker where ``net.ipv4.tcp_migrate_req = 1``).
+What this class changes:
+
+- A worker told to stop closes its sockets as soon as it stops accepting. gthread keeps them
+  open until its last connection is done (up to ``graceful_timeout``); with a socket of its
+  own, connections the kernel keeps routing to it meanwhile would wait unanswered and be reset
+  at the close. Closed at once, the kernel sends new connections to the other workers; the few
+  already queued on it are reset (or moved to another worker where
+  ``net.ipv4.tcp_migrate_req = 1``).
+- gthread hands every request of a kept-alive connection from its main thread (which polls
+  the idle connections) to a pool thread and back: a pool submission, a pipe write to wake the
+  main thread, a poller registration each way. On the benchmark machine that was 11 context
+  switches and 3.1 ms of CPU per uncached request, against 4 and 2.6 ms when the thread that
+  answered waits briefly for the connection's next request and serves it itself
+  (docs/benchmarks.md). A thread waits only while no other connection of this worker waits
+  for a thread, and for at most ``AICRM_API_KEEPALIVE_LINGER_MS`` (2 ms by default, 0 turns it
+  off): a request arriving meanwhile on another connection waits at most that long for a
+  thread. A connection without a request by then goes back to the poller, as in gthread.
 """
 
 from __future__ import annotations
 
+import os
+import select
+from collections.abc import Mapping
+from typing import Any
+
 from gunicorn.workers.gthread import ThreadWorker
+
+LINGER_ENV = "AICRM_API_KEEPALIVE_LINGER_MS"
+DEFAULT_LINGER_MS = 2.0
+
+
+def linger_ms(environ: Mapping[str, str] = os.environ) -> float:
+    """The linger from the environment; a bad value stops start-up naming the variable."""
+    text = environ.get(LINGER_ENV, "").strip()
+    if not text:
+        return DEFAULT_LINGER_MS
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{LINGER_ENV}={text!r}: expected milliseconds, such as 2") from None
+    if not 0 <= value <= 1000:
+        raise ValueError(f"{LINGER_ENV}={text!r}: must be between 0 and 1000 milliseconds")
+    return value
 
 
 class Worker(ThreadWorker):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.linger_ms = linger_ms()
+
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled)
         if not enabled and not self.alive and self.cfg.reuse_port:
             for listener in self.sockets:
                 listener.close()  # idempotent: gthread closes them again at the end
+
+    def handle(self, conn: Any) -> Any:
+        """gthread's ``handle`` for one request, then the connection's next ones for as long
+        as each comes within the linger and no other connection waits for a thread."""
+        while True:
+            result = super().handle(conn)
+            if (result is not True or not self.alive or self.linger_ms <= 0
+                    or getattr(conn, "is_http2", False)):
+                return result
+            if not conn.parser.unreader.buf.getvalue() and not self._next_request_comes(conn):
+                return result  # to the poller, as in gthread
+            # The next request is here (or already read ahead): served in this thread.
+
+    def _next_request_comes(self, conn: Any) -> bool:
+        if not self.tpool._work_queue.empty():
+            return False  # another connection waits for a thread
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        try:
+            return bool(poller.poll(self.linger_ms))
+        except OSError:
+            return False
 
 
 __all__ = ["Worker"]

@@ -125,7 +125,8 @@ def _ss(port: int, *state: str) -> list[int]:
 
 def _start_api(tmp_path: Path, name: str, extra_args: list[str],
                api: dict[str, Any] | None = None,
-               metrics_dir: Path | None = None) -> tuple[servers.ProcessHandle, str]:
+               metrics_dir: Path | None = None,
+               extra_env: dict[str, str] | None = None) -> tuple[servers.ProcessHandle, str]:
     """gunicorn from the venv's console script (what the Dockerfile runs), 2 workers, with
     these ``api`` settings; the metrics in ``metrics_dir``, else in ``tmp_path/metrics-name``,
     or, with ``TMPDIR``, in the default directory under it."""
@@ -133,7 +134,7 @@ def _start_api(tmp_path: Path, name: str, extra_args: list[str],
     port = servers.free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "AICRM_CONFIG": str(tmp_path / "config.json"), "AICRM_API_BIND": f"127.0.0.1:{port}",
-           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off"}
+           "AICRM_API_WORKERS": "2", "AICRM_API_ACCESS_LOG": "off", **(extra_env or {})}
     if metrics_dir is not None and metrics_dir.name == "TMPDIR":
         env["TMPDIR"] = str(metrics_dir)
     else:
@@ -392,6 +393,13 @@ def test_metrics_carry_the_services_process_series_across_a_worker_restart(
         with requests.Session() as s:
             for _ in range(100):
                 assert s.get(url + "/openapi.json", timeout=10).status_code == 200
+            # Until one worker has used enough CPU for its loss to show below (a kept-alive
+            # connection stays with the worker that accepted it).
+            for _ in range(2000):
+                if max(getattr(read_stat("/proc", p), "own_cpu", 0.0)
+                       for p in _children(master)) > 0.15:
+                    break
+                s.get(url + "/openapi.json", timeout=10)
         first = _scrape_process_series(url)
         master_stat = read_stat("/proc", master)
         assert master_stat is not None
@@ -433,3 +441,86 @@ def test_metrics_carry_the_services_process_series_across_a_worker_restart(
         assert second["process_start_time_seconds"] == first["process_start_time_seconds"]
     finally:
         gunicorn.stop()
+
+
+def _main_thread_switches(pids: list[int]) -> int:
+    """Voluntary context switches of the workers' main threads (gthread's poller)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/task/{pid}/status") as f:
+            total += next(int(line.split()[1]) for line in f
+                          if line.startswith("voluntary_ctxt_switches:"))
+    return total
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("linger_ms", ["0", "50"])
+def test_a_kept_alive_connection_is_served_by_the_thread_that_answered(
+        tmp_path: Path, linger_ms: str) -> None:
+    """With a linger, a connection's next request is served by the pool thread that answered
+    the last one: the main thread (gthread's poller) is not woken per request. Without, every
+    request goes main thread -> pool thread -> main thread, as in gthread."""
+    gunicorn, url = _start_api(tmp_path, "gunicorn", [], {
+        "redis_url": None, "cache_ttl_seconds": 0, "rate_limit": "100000/minute"},
+        extra_env={"AICRM_API_KEEPALIVE_LINGER_MS": linger_ms})
+    try:
+        master = gunicorn.pid
+        assert eventually(lambda: len(_children(master)) == 2, seconds=30)
+        workers = _children(master)
+        n = 300
+        with requests.Session() as s:
+            assert s.get(url + "/healthz", timeout=10).status_code == 200
+            before = _main_thread_switches(workers)
+            started = time.monotonic()
+            for _ in range(n):
+                assert s.get(url + "/healthz", timeout=10).status_code == 200
+            took = time.monotonic() - started
+            after = _main_thread_switches(workers)
+        # The main threads also wake once a second each to tell the master they are alive.
+        heartbeats = 2 * (took + 2)
+        if linger_ms == "0":
+            assert after - before >= n
+        else:
+            assert after - before <= heartbeats + n * 0.05, (after - before, took)
+    finally:
+        gunicorn.stop()
+
+
+@pytest.mark.integration
+def test_a_lingering_thread_keeps_another_connection_waiting_at_most_the_linger(
+        tmp_path: Path) -> None:
+    """One worker with one thread lingering on an idle kept-alive connection: a request on a
+    second connection is served once the linger (300 ms here) is over, and the first
+    connection is served again afterwards (from the poller)."""
+    gunicorn, url = _start_api(tmp_path, "gunicorn", [], {
+        "redis_url": None, "cache_ttl_seconds": 0, "rate_limit": "100000/minute"},
+        extra_env={"AICRM_API_KEEPALIVE_LINGER_MS": "300", "AICRM_API_WORKERS": "1",
+                   "AICRM_API_THREADS": "1"})
+    try:
+        with requests.Session() as first, requests.Session() as second:
+            assert first.get(url + "/healthz", timeout=10).status_code == 200
+            started = time.monotonic()
+            assert second.get(url + "/healthz", timeout=10).status_code == 200
+            waited = time.monotonic() - started
+            assert waited < 0.3 + 1.0, waited
+            assert first.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        gunicorn.stop()
+
+
+def test_a_bad_linger_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
+    from api.gunicorn_worker import linger_ms
+
+    assert linger_ms({}) == 2.0
+    assert linger_ms({"AICRM_API_KEEPALIVE_LINGER_MS": " 0.5 "}) == 0.5
+    for bad in ("2ms", "-1", "5000", "nan"):
+        with pytest.raises(ValueError, match="AICRM_API_KEEPALIVE_LINGER_MS"):
+            linger_ms({"AICRM_API_KEEPALIVE_LINGER_MS": bad})
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "AICRM_API_KEEPALIVE_LINGER_MS": "soon", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([Path(sys.executable).parent / "gunicorn", "-c",
+                           ROOT / "api" / "gunicorn.conf.py", "--check-config",
+                           "api:create_app()"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert "AICRM_API_KEEPALIVE_LINGER_MS='soon'" in done.stderr
