@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from flask import request
+from flask import Response, request
 from werkzeug.datastructures import MultiDict
 
 from .cache import ResponseCache
-from .common import encode_json
+from .common import encode_json, json_response, services
 from .errors import ApiError
 from .hits import ADMISSION, Admission, EnvironHeaders, request_args
 from .observability import REQUEST_ID_HEADER, RequestMetrics, request_id_from
@@ -84,7 +84,7 @@ class Planned:
 
 def planned(planner: Planner, shaper: Shaper) -> Callable[[F], F]:
     """Mark a view as a one-query endpoint: ``planner`` gives its query, ``shaper`` its answer
-    (the view must answer ``json_response(shaper(samples, plan, time))``)."""
+    (the view must answer ``respond(planner, shaper)``)."""
 
     def mark(view: F) -> F:
         setattr(view, _PLAN_ATTR, Planned(planner, shaper))
@@ -118,6 +118,13 @@ def answer(prometheus: PrometheusClient, expr: str) -> tuple[list[Sample], float
         pending.abandon()
     now = time.time()
     return prometheus.query(expr, now), now
+
+
+def respond(planner: Planner, shaper: Shaper) -> Response:
+    """A one-query endpoint's view through Flask: the same plan, query and shape as below it."""
+    plan = planner(request.args)
+    samples, at = answer(services().prometheus, plan.expr)
+    return json_response(shaper(samples, plan, at))
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 from werkzeug.datastructures import MultiDict
 
 from . import direct, queries, validation
-from .common import cached, envelope, json_response, quantity, services
+from .common import cached, envelope, quantity
 from .promql import Sample
 
 bp = Blueprint("tasks", __name__)
@@ -68,6 +68,4 @@ def shape(samples: list[Sample], p: direct.Plan, now: float) -> dict[str, Any]:
 @direct.planned(plan, shape)
 @cached
 def task_completion() -> Response:
-    p = plan(request.args)
-    samples, now = direct.answer(services().prometheus, p.expr)
-    return json_response(shape(samples, p, now))
+    return direct.respond(plan, shape)

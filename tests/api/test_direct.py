@@ -5,8 +5,6 @@ connection comes back (or is replaced when the backend closed it)."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import math
 import threading
 import time
@@ -22,10 +20,10 @@ from api.direct import DirectAnswers
 from api.promql import PrometheusClient
 from tests import servers
 from tests.api.conftest import API_KEY, KnownPrometheus
+from tests.api.test_fastpath import ClosingBackend
 from tests.api.test_hits import Through
 from tests.api.test_promql import EMPTY_VECTOR, FakeBackend
 from tests.helpers import eventually
-from tests.servers import LocalHTTPServer
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PLANNED = ["/task-completion?window=3h", "/task-completion?window=1h&task_type=lead_qualification",
@@ -201,54 +199,17 @@ def test_with_the_cache_on_only_admitted_misses_are_sent_early(
     assert (calls.start_query, len(queries)) == (2, 2)
 
 
-class DroppingBackend:
-    """Answers HTTP/1.1 with keep-alive announced, then closes the connection: the client's
-    next request on it finds it closed (a backend's idle timeout winning the race)."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                outer.connections += 1
-
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                body = json.dumps({"status": "success", "data": {
-                    "resultType": "vector",
-                    "result": [{"metric": {}, "value": [time.time(), "3"]}]}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
-                self.close_connection = True
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.http = LocalHTTPServer(Handler)
-        self.url = self.http.url
-
-    def close(self) -> None:
-        self.http.close()
-
-
 def test_a_lent_connection_the_backend_closed_is_replaced() -> None:
-    backend = DroppingBackend()
+    backend = ClosingBackend()  # closes each connection after one answer, without saying so
     client = PrometheusClient(backend.url, timeout=2)
     try:
         for _ in range(3):
+            time.sleep(0.05)  # the backend has closed the previous connection by now
             pending = client.start_query("vector(3)", time.time())
             assert pending is not None
-            time.sleep(0.05)  # the backend has closed the previous connection by now
             assert [s.value for s in pending.result()] == [3.0]
-        assert backend.connections >= 3
+        # Sent on the closed connection, then asked again on a fresh one.
+        assert backend.connections == 3
         assert len(client._open) == 1
     finally:
         client.close()
