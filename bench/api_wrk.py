@@ -228,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="mean wait between a connection's requests in the paced cached run: "
                          "64 connections, 48 ms and answers in 10-15 ms offer about 1,000-1,100 "
                          "requests/s")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="alternating API/Prometheus rounds per side-by-side measurement")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="alternating API/Prometheus rounds per side-by-side measurement "
+                         "(of --duration / rounds seconds each): short rounds, so that a burst "
+                         "of rule evaluation or Prometheus housekeeping on the two cores falls "
+                         "on both sides alike rather than on one side's whole round")
     ap.add_argument("--workers", type=int, help="gunicorn workers (default: the config's)")
     ap.add_argument("--threads", type=int, help="threads per worker (default: the config's)")
     ap.add_argument("--sweep-windows", default="5m,1h,1d,7d",
