@@ -71,13 +71,15 @@ class Worker(ThreadWorker):  # type: ignore[misc]
             if (result is not True or not self.alive or self.linger_ms <= 0
                     or getattr(conn, "is_http2", False)):
                 return result
+            if not self.tpool._work_queue.empty():
+                # Another connection waits for a thread: this one goes back (to the poller, or
+                # to the queue's end with a request already read ahead), as in gthread.
+                return result
             if not conn.parser.unreader.buf.getvalue() and not self._next_request_comes(conn):
                 return result  # to the poller, as in gthread
             # The next request is here (or already read ahead): served in this thread.
 
     def _next_request_comes(self, conn: Any) -> bool:
-        if not self.tpool._work_queue.empty():
-            return False  # another connection waits for a thread
         poller = select.poll()
         poller.register(conn.sock, select.POLLIN)
         try:

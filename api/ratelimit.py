@@ -240,7 +240,9 @@ class RateLimiter:
     def _remember_refused(self, client: str, reset_in: float) -> None:
         now = time.monotonic()
         if len(self._refused) >= _REFUSED_MAX:
-            self._refused = {c: t for c, t in self._refused.items() if t > now}
+            # A copy first: another thread may add to the map meanwhile (that entry may be
+            # lost, which costs its client one early query).
+            self._refused = {c: t for c, t in list(self._refused.items()) if t > now}
             if len(self._refused) >= _REFUSED_MAX:
                 # Refused clients beyond the bound: forgetting one costs it one early query.
                 self._refused.clear()

@@ -524,3 +524,46 @@ def test_a_bad_linger_stops_start_up_naming_the_variable(tmp_path: Path) -> None
                           text=True, timeout=60)
     assert done.returncode != 0
     assert "AICRM_API_KEEPALIVE_LINGER_MS='soon'" in done.stderr
+
+
+@pytest.mark.integration
+def test_a_pipelining_connection_does_not_keep_the_thread_from_another(tmp_path: Path) -> None:
+    """One worker with one thread: a connection with 150 requests pipelined (in one read, so
+    read ahead) goes to the back of the queue when another connection waits, as in gthread,
+    so the other's request is answered before the pipelined ones are all done."""
+    import socket
+
+    gunicorn, url = _start_api(tmp_path, "gunicorn", [], {
+        "redis_url": None, "cache_ttl_seconds": 0, "rate_limit": "100000/minute"},
+        extra_env={"AICRM_API_KEEPALIVE_LINGER_MS": "500", "AICRM_API_WORKERS": "1",
+                   "AICRM_API_THREADS": "1"})
+    port = int(url.rsplit(":", 1)[1])
+    n = 150  # 44 bytes each: all in gunicorn's first 8 kB read
+    done: dict[str, float] = {}
+
+    def pipelined() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: api\r\n\r\n" * n)
+            seen = b""
+            while seen.count(b"HTTP/1.1 200") < n:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                seen += chunk
+            done["pipelined"] = time.monotonic()
+            done["answers"] = seen.count(b"HTTP/1.1 200")
+
+    try:
+        reader = threading.Thread(target=pipelined)
+        started = time.monotonic()
+        reader.start()
+        time.sleep(0.01)  # the pipelined requests are being served
+        assert requests.get(url + "/healthz", timeout=30).status_code == 200
+        other = time.monotonic()
+        reader.join(60)
+        assert done["answers"] == n
+        # Served while the pipelined ones still were: not after (nearly) all of them.
+        assert other - started < 0.5 * (done["pipelined"] - started), (
+            other - started, done["pipelined"] - started)
+    finally:
+        gunicorn.stop()
