@@ -45,11 +45,11 @@ from werkzeug.datastructures import MultiDict
 from .cache import ResponseCache
 from .common import encode_json, json_response, services
 from .errors import ApiError
-from .hits import ADMISSION, Admission, EnvironHeaders, request_args
+from .hits import ADMISSION, Admission, limiter_client, request_args
 from .observability import REQUEST_ID_HEADER, RequestMetrics, request_id_from
 from .promql import PendingQuery, PrometheusClient, Sample
 from .ratelimit import RateLimiter, WindowState
-from .security import KeyChecker, key_id, presented_key
+from .security import KeyChecker
 from .validation import Window
 
 PENDING = "aicrm.pending_query"
@@ -224,13 +224,9 @@ class DirectAnswers:
                 return None  # not counted below, a hit Flask serves, or a 429
             state, cache_key = admitted.state, admitted.cache_key
         else:
-            key = presented_key(EnvironHeaders(environ))
-            if key is not None and self.keys.valid(key):
-                client = f"key:{key_id(key)}"
-            elif route.needs_key:
+            client = limiter_client(environ, self.keys, route.needs_key)
+            if client is None:
                 return None  # Flask's 401
-            else:
-                client = f"addr:{environ.get('REMOTE_ADDR') or 'unknown'}"
             if self.limiter.refused_recently(client):
                 return None  # Flask's 429, without asking the backend
         try:

@@ -74,6 +74,18 @@ class EnvironHeaders:
         return value if isinstance(value, str) else None
 
 
+def limiter_client(environ: Mapping[str, Any], keys: KeyChecker, needs_key: bool) -> str | None:
+    """Who the limiter counts a request under, as Flask's hooks decide it: a valid key's id,
+    else the client address; None when the endpoint needs a key and has no valid one (Flask
+    answers the 401)."""
+    key = presented_key(EnvironHeaders(environ))
+    if key is not None and keys.valid(key):
+        return f"key:{key_id(key)}"
+    if needs_key:
+        return None
+    return f"addr:{environ.get('REMOTE_ADDR') or 'unknown'}"
+
+
 def request_path(environ: Mapping[str, Any]) -> str:
     """``request.path`` as werkzeug decodes it from PATH_INFO."""
     return str(environ.get("PATH_INFO") or "").encode("latin1").decode(errors="replace")
@@ -131,13 +143,9 @@ class CachedHits:
              route: CachedRoute) -> tuple[bytes, WindowState] | None:
         """The body and limiter state of a hit to answer here; None hands the request to Flask
         (with an ``Admission`` in the environ once the limiter has counted it)."""
-        key = presented_key(EnvironHeaders(environ))
-        if key is not None and self.keys.valid(key):
-            client = f"key:{key_id(key)}"
-        elif route.needs_key:
+        client = limiter_client(environ, self.keys, route.needs_key)
+        if client is None:
             return None
-        else:
-            client = f"addr:{environ.get('REMOTE_ADDR') or 'unknown'}"
         try:
             ck = cache_key(request_path(environ), request_args(environ))
         except UnicodeDecodeError:
