@@ -23,7 +23,7 @@ from . import errors, observability, validation
 from .cache import RedisCache, ResponseCache, cache_key, make_cache
 from .common import CACHE_PREFETCH, SERVICES, Services, is_cached
 from .direct import DirectAnswers, DirectRoute, planned_of
-from .hits import ADMISSION, Admission, CachedHits, CachedRoute
+from .hits import ADMISSION, SIMPLE_GET_PATHS, Admission, CachedHits, CachedRoute
 from .observability import RequestMetrics
 from .promql import PrometheusClient
 from .ratelimit import Counters, MemoryCounters, RateLimited, RateLimiter, RedisCounters
@@ -203,6 +203,7 @@ def create_app(
             app.wsgi_app, direct, keys=keys, limiter=limiter, prometheus=svc.prometheus,
             metrics=svc.metrics, cache=cache, cache_ttl=cfg.api.cache_ttl_seconds,
             cors=bool(cfg.api.cors_origins), logger=logger)
+    routes: dict[str, CachedRoute] = {}
     if cfg.api.cache_ttl_seconds > 0:
         routes = {
             rule.rule: CachedRoute(rule.rule, cfg.api.require_key_for_all
@@ -215,6 +216,9 @@ def create_app(
             app.wsgi_app, routes, keys=keys, limiter=limiter, cache=cache,
             prefetch=prefetch_cache, metrics=svc.metrics, cors=bool(cfg.api.cors_origins),
             logger=logger)
+    # Their plain GETs are also read and answered without gunicorn's general HTTP machinery
+    # (api/simple_http.py) by the API's gunicorn worker.
+    app.extensions[SIMPLE_GET_PATHS] = frozenset(direct) | frozenset(routes)
     if cfg.api.trusted_proxy_hops:
         # Outermost, so the cache-hit path, the limiter and the access line all see the
         # client's address rather than the proxy's.

@@ -27,12 +27,19 @@ What this class changes:
 
 from __future__ import annotations
 
+import errno
 import os
 import select
+import time
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
+from gunicorn.http.wsgi import _make_early_hints_callback
 from gunicorn.workers.gthread import ThreadWorker
+
+from . import simple_http
+from .hits import SIMPLE_GET_PATHS
 
 LINGER_ENV = "AICRM_API_KEEPALIVE_LINGER_MS"
 DEFAULT_LINGER_MS = 2.0
@@ -53,9 +60,22 @@ def linger_ms(environ: Mapping[str, str] = os.environ) -> float:
 
 
 class Worker(ThreadWorker):  # type: ignore[misc]
+    alive: bool
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.linger_ms = linger_ms()
+        self.simple: simple_http.Rules | None = None
+        self._environ: simple_http.Environ | None = None
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        cfg = self.cfg
+        paths = getattr(self.wsgi, "extensions", {}).get(SIMPLE_GET_PATHS)
+        if (paths and not cfg.is_ssl and cfg.proxy_protocol in ("off", False, None)
+                and getattr(cfg, "protocol", "http") == "http"
+                and not os.environ.get("SCRIPT_NAME")):
+            self.simple = simple_http.Rules.of(cfg, paths)
+            self._environ = simple_http.Environ(cfg)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled)
@@ -67,7 +87,7 @@ class Worker(ThreadWorker):  # type: ignore[misc]
         """gthread's ``handle`` for one request, then the connection's next ones for as long
         as each comes within the linger and no other connection waits for a thread."""
         while True:
-            result = super().handle(conn)
+            result = self._handle_one(conn)
             if (result is not True or not self.alive or self.linger_ms <= 0
                     or getattr(conn, "is_http2", False)):
                 return result
@@ -78,6 +98,84 @@ class Worker(ThreadWorker):  # type: ignore[misc]
             if not conn.parser.unreader.buf.getvalue() and not self._next_request_comes(conn):
                 return result  # to the poller, as in gthread
             # The next request is here (or already read ahead): served in this thread.
+
+    def _handle_one(self, conn: Any) -> Any:
+        if self.simple is not None and conn.initialized and not getattr(conn, "is_http2", True):
+            served = self._serve_simple(conn)
+            if served is not None:
+                return served
+        return super().handle(conn)
+
+    def _serve_simple(self, conn: Any) -> bool | None:
+        """A plain GET of one of the app's paths, answered here (True: keep the connection);
+        None when the next request is anything else, its bytes given back to gunicorn."""
+        assert self.simple is not None and self._environ is not None
+        conn.sock.setblocking(True)  # as gthread's handle: the poller left it non-blocking
+        unreader = conn.parser.unreader
+        data = unreader.take_buffered()
+        if not data:
+            try:
+                data = conn.sock.recv(8192)  # gunicorn's read size
+            except OSError as exc:
+                self._socket_error(exc)
+                return False
+            if not data:
+                return False  # the client closed the connection
+        req = simple_http.parse(data, self.simple)
+        if req is None or not isinstance(conn.server, tuple) or not isinstance(
+                conn.client, tuple):
+            unreader.unread(data)
+            return None
+        if len(data) > req.consumed:
+            unreader.unread(data[req.consumed:])  # pipelined: the next request's start
+        return self._answer_simple(conn, req)
+
+    def _answer_simple(self, conn: Any, req: simple_http.SimpleGet) -> bool:
+        """gthread's ``handle_request`` and ``handle`` error handling for a ``SimpleGet``."""
+        assert self._environ is not None
+        reply = simple_http.Reply()
+        environ: dict[str, Any] = {}
+        try:
+            self.cfg.pre_request(self, req)
+            started = time.perf_counter()
+            environ = self._environ(req, conn.sock, conn.client, conn.server,
+                                    conn.parser.unreader,
+                                    _make_early_hints_callback(req, conn.sock, reply))
+            self.nr += 1
+            if self.nr >= self.max_requests:
+                if self.alive:
+                    self.log.info("Autorestarting worker after current request.")
+                    self.alive = False
+                reply.force_close()
+            if not self.alive or not self.cfg.keepalive:
+                reply.force_close()
+            elif len(self.keepalived_conns) >= self.max_keepalived:
+                reply.force_close()
+            respiter = self.wsgi(environ, reply.start_response)
+            try:
+                for item in respiter:
+                    reply.write(item)
+                conn.sock.sendall(reply.encode())
+            finally:
+                self.log.access(reply, req, environ,
+                                timedelta(seconds=time.perf_counter() - started))
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            return not reply.should_close()
+        except OSError as exc:
+            self._socket_error(exc)
+        except Exception as exc:  # noqa: BLE001 - gunicorn's answer to an application error
+            self.handle_error(req, conn.sock, conn.client, exc)
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, reply)
+            except Exception:  # noqa: BLE001 - as gthread
+                self.log.exception("Exception in post_request hook")
+        return False
+
+    def _socket_error(self, exc: OSError) -> None:
+        if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            self.log.exception("Socket error processing request.")
 
     def _next_request_comes(self, conn: Any) -> bool:
         poller = select.poll()

@@ -36,6 +36,10 @@ from .observability import REQUEST_ID_HEADER, RequestMetrics, request_id_from
 from .ratelimit import RateLimiter, WindowState
 from .security import KeyChecker, key_id, presented_key
 
+SIMPLE_GET_PATHS = "aicrm_simple_get_paths"
+"""``app.extensions`` key: the paths of the endpoints answered below Flask, whose plain GETs
+the gunicorn worker also reads and answers without gunicorn's general HTTP machinery
+(api/gunicorn_worker.py, api/simple_http.py)."""
 ADMISSION = "aicrm.admission"
 """WSGI environ key: the ``Admission`` of a request CachedHits passed on to Flask."""
 

@@ -185,12 +185,21 @@ def step(args: Mapping[str, str], default: int) -> float:
 
 def rfc3339(ts: float) -> str:
     """Unix seconds as RFC 3339 UTC with millisecond precision (truncated, as datetime's
-    microseconds // 1000). Formatted from ``time.gmtime``: ``datetime.strftime`` costs several
-    times more, and this runs twice per response and once per exported point."""
+    microseconds // 1000). Formatted from ``time.gmtime``, once per second: ``datetime.strftime``
+    costs several times more, and this runs twice per response and once per exported point."""
+    global _second
     whole = math.floor(ts)
     micros = round((ts - whole) * 1_000_000)  # the fraction is exact; as datetime rounds it
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    t = time.gmtime(whole)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:"
-            f"{t.tm_sec:02d}.{micros // 1000:03d}Z")
+    last = _second
+    if last[0] != whole:
+        t = time.gmtime(whole)
+        last = _second = (whole, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+                                 f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.")
+    return f"{last[1]}{micros // 1000:03d}Z"
+
+
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00.")
+"""The last second ``rfc3339`` formatted (a response formats two times of the same second,
+and an export many of a few): one tuple, replaced whole, so threads read it safely."""
