@@ -137,10 +137,20 @@ class RequestMetrics:
             c.API_CACHE_LOOKUPS.base_name, c.API_CACHE_LOOKUPS.help, c.API_CACHE_LOOKUPS.labels,
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        """The labelled series per (endpoint, method, code): ``labels`` looks them up under a
+        lock and checks the values on every call."""
 
     def observe(self, endpoint: str, method: str, code: int, seconds: float) -> None:
-        self.requests.labels(endpoint, method if method in _METHODS else "other", str(code)).inc()
-        self.duration.labels(endpoint).observe(seconds)
+        method = method if method in _METHODS else "other"
+        key = (endpoint, method, code)
+        children = self._children.get(key)
+        if children is None:
+            # Bounded: endpoints are the app's routes (or "other"), methods and codes few.
+            children = self._children[key] = (self.requests.labels(endpoint, method, str(code)),
+                                               self.duration.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> bytes:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

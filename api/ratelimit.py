@@ -25,6 +25,8 @@ from .errors import ApiError
 
 KEY_PREFIX = "aicrm:api:limit:"
 _REFUSED_MAX = 10_000
+_PACKED_MAX = 4096
+"""Clients whose packed limiter call a process keeps (RedisCounters)."""
 """Refused clients a process remembers (RateLimiter.refused_recently)."""
 
 _SCRIPT = """
@@ -159,6 +161,8 @@ class RedisCounters:
         self._lock = threading.Lock()
         # Weak, as in PrometheusClient: a connection lives as long as its thread.
         self._open: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
+        self._packed: dict[tuple[str, ...], Any] = {}
+        """EVALSHA calls without a cache key, packed, per client (at most ``_PACKED_MAX``)."""
 
     def _connection(self) -> _ThreadConnection:
         held: _ThreadConnection | None = getattr(self._local, "held", None)
@@ -170,12 +174,15 @@ class RedisCounters:
                 self._open.add(held)
         return held
 
-    def _call(self, *args: Any) -> Any:
+    def _call(self, *args: Any, packed: Any = None) -> Any:
         for attempt in (0, 1):
             held = self._connection()
             reused = held.used
             try:
-                held.conn.send_command(*args)
+                if packed is None:
+                    held.conn.send_command(*args)
+                else:
+                    held.conn.send_packed_command(packed)
                 reply = held.conn.read_response()
             except (redis.ConnectionError, redis.TimeoutError):
                 held.conn.disconnect()
@@ -193,8 +200,18 @@ class RedisCounters:
         if prefetch is not None:
             keys.append(prefetch)
         args = [len(windows), *(w[1] * 1000 for w in windows), *(w[2] for w in windows)]
+        packed = None
+        if prefetch is None:
+            # The same client's call is the same bytes every time: packed once.
+            ident = tuple(keys)
+            packed = self._packed.get(ident)
+            if packed is None:
+                if len(self._packed) >= _PACKED_MAX:
+                    self._packed = {}
+                packed = self._packed[ident] = self._connection().conn.pack_command(
+                    "EVALSHA", self._sha, len(keys), *keys, *args)
         try:
-            reply = self._call("EVALSHA", self._sha, len(keys), *keys, *args)
+            reply = self._call("EVALSHA", self._sha, len(keys), *keys, *args, packed=packed)
         except redis.exceptions.NoScriptError:
             reply = self._call("EVAL", _SCRIPT, len(keys), *keys, *args)
         n = len(windows)

@@ -80,6 +80,8 @@ def test_redis_counters_survive_script_flush_and_dropped_connections(
         admin.client_kill_filter(_type="normal", skipme=True)
         assert counters.hit(window, None)[0][0][0] == 3
         assert int(admin.get(window[0][0]) or 0) == 3
+        # Those calls were packed once: one client, one packed call.
+        assert list(counters._packed) == [(window[0][0],)]
         # Each thread has its own connection, gone when the thread is.
         other: list[int] = []
 
