@@ -1,7 +1,7 @@
 """gunicorn settings for the API: ``gunicorn -c api/gunicorn.conf.py 'api:create_app()'``.
 
 Environment: AICRM_API_BIND (default 0.0.0.0:5000, the container's address), AICRM_API_WORKERS
-(4), AICRM_API_THREADS (2), AICRM_API_TIMEOUT (30 s), AICRM_API_ACCESS_LOG ("-" for stdout,
+(4), AICRM_API_THREADS (4), AICRM_API_TIMEOUT (30 s), AICRM_API_ACCESS_LOG ("-" for stdout,
 a path, or "off"), AICRM_API_CONTROL_SOCKET (gunicornc's socket; none by default),
 AICRM_API_REUSE_PORT (1: a listening socket per worker on a TCP address;
 0: one socket shared by all workers), AICRM_API_KEEPALIVE_LINGER_MS (2: how long a thread waits
@@ -47,7 +47,7 @@ if _control:
     control_socket = _control
 else:
     control_socket_disable = True
-threads = int(os.environ.get("AICRM_API_THREADS", "2"))
+threads = int(os.environ.get("AICRM_API_THREADS", "4"))
 timeout = int(os.environ.get("AICRM_API_TIMEOUT", "30"))
 graceful_timeout = 20
 keepalive = 5

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- wrk: {args.duration}s per run, 2 threads, on the same machine as everything else",
         f"- API: gunicorn, api/gunicorn.conf.py ({args.workers or 4} workers of "
         f"api/gunicorn_worker.py, gunicorn's gthread with plain GETs of the data endpoints read "
-        f"and answered by the worker itself, x {args.threads or 2} threads), Redis for the rate "
+        f"and answered by the worker itself, x {args.threads or 4} threads), Redis for the rate "
         "limiter and cache, JSON access log "
         "on; Prometheus 2.42 with the known data of tests/api, evaluating the real rule files "
         "at their own intervals",

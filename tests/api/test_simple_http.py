@@ -132,8 +132,12 @@ def test_anything_else_is_left_to_gunicorn(data: bytes) -> None:
 def test_limits_are_gunicorns() -> None:
     cfg = _cfg(limit_request_line=40, limit_request_fields=2, limit_request_field_size=20)
     rules = simple_http.Rules.of(cfg, PATHS)
-    ok = b"GET /task-completion?window=1h HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n"
-    assert simple_http.parse(ok, rules) is not None
+    # At each limit exactly: accepted, and read alike by gunicorn.
+    assert len(b"GET /task-completion?window=10h HTTP/1.1") == 40
+    assert len(b"A: 12345678901234567") == 20
+    for ok in (b"GET /task-completion?window=10h HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n",
+               b"GET /task-completion HTTP/1.1\r\nA: 12345678901234567\r\n\r\n"):
+        assert check_request(ok, cfg) is not None
     assert len(b"GET /task-completion?window=100h HTTP/1.1") == 41
     for data in (b"GET /task-completion?window=100h HTTP/1.1\r\n\r\n",
                  b"GET /task-completion HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
