@@ -127,8 +127,8 @@ def parse(data: bytes, rules: Rules) -> SimpleGet | None:
     headers: list[tuple[str, str]] = []
     seen: set[str] = set()
     for raw in lines[1:]:
-        if len(raw) > rules.limit_request_field_size:
-            return None
+        if len(raw) + 2 > rules.limit_request_field_size:
+            return None  # gunicorn counts the line's CRLF
         name, sep, value = raw.partition(b":")
         if not sep or not _NAME.fullmatch(name):
             return None  # also a folded line, which starts with a space or tab

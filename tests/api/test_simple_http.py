@@ -134,14 +134,14 @@ def test_limits_are_gunicorns() -> None:
     rules = simple_http.Rules.of(cfg, PATHS)
     # At each limit exactly: accepted, and read alike by gunicorn.
     assert len(b"GET /task-completion?window=10h HTTP/1.1") == 40
-    assert len(b"A: 12345678901234567") == 20
+    assert len(b"A: 123456789012345\r\n") == 20  # gunicorn counts the CRLF
     for ok in (b"GET /task-completion?window=10h HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n",
-               b"GET /task-completion HTTP/1.1\r\nA: 12345678901234567\r\n\r\n"):
+               b"GET /task-completion HTTP/1.1\r\nA: 123456789012345\r\n\r\n"):
         assert check_request(ok, cfg) is not None
     assert len(b"GET /task-completion?window=100h HTTP/1.1") == 41
     for data in (b"GET /task-completion?window=100h HTTP/1.1\r\n\r\n",
                  b"GET /task-completion HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
-                 b"GET /task-completion HTTP/1.1\r\nA: 123456789012345678\r\n\r\n"):
+                 b"GET /task-completion HTTP/1.1\r\nA: 1234567890123456\r\n\r\n"):
         assert simple_http.parse(data, rules) is None
         assert isinstance(gunicorn_reads(data, cfg), Exception)
 
@@ -168,20 +168,25 @@ _queries = st.lists(st.sampled_from(list("aZ0=&+-._~") * 4 + list("%2F?#;\"<>`{}
        query=st.one_of(st.none(), _queries),
        version=st.sampled_from(["HTTP/1.1"] * 8 + ["HTTP/1.0", "HTTP/2.0", "HTTP/1.10"]),
        headers=st.lists(_header, max_size=5),
-       eol=st.sampled_from(["\r\n"] * 8 + ["\n"]), rest=st.sampled_from(["", "GET / HTTP/1.1"]))
+       eol=st.sampled_from(["\r\n"] * 8 + ["\n"]), rest=st.sampled_from(["", "GET / HTTP/1.1"]),
+       limits=st.tuples(st.integers(20, 60), st.integers(1, 5), st.integers(4, 24)))
 @example(method="GET", target="/task-completion", query="window=1h", version="HTTP/1.1",
          headers=[("Host", ":\t", "api", "\t"), ("Connection", ": ", "keep-alive", " ")],
-         eol="\r\n", rest="")
+         eol="\r\n", rest="", limits=(40, 2, 20))
 def test_whatever_parse_accepts_gunicorn_reads_alike(method: str, target: str, query: str | None,
                                                      version: str,
                                                      headers: list[tuple[str, str, str, str]],
-                                                     eol: str, rest: str) -> None:
+                                                     eol: str, rest: str,
+                                                     limits: tuple[int, int, int]) -> None:
     uri = target if query is None else f"{target}?{query}"
     head = f"{method} {uri} {version}{eol}" + "".join(
         f"{n}{sep}{v}{pad}{eol}" for n, sep, v, pad in headers)
     data = (head + eol + rest).encode("latin-1")
     check_request(data, _cfg())
     check_request(data, _cfg(forwarded_allow_ips="*"))
+    # Small limits, so that requests around each one are compared too.
+    check_request(data, _cfg(limit_request_line=limits[0], limit_request_fields=limits[1],
+                             limit_request_field_size=limits[2]))
 
 
 @settings(max_examples=300, deadline=None)
