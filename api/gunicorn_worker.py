@@ -67,7 +67,8 @@ def linger_ms(environ: Mapping[str, str] = os.environ) -> float:
 
 
 class Worker(ThreadWorker):  # type: ignore[misc]
-    alive: bool
+    alive: bool  # gunicorn's, set here too (max_requests)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.linger_ms = linger_ms()

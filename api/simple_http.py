@@ -119,7 +119,10 @@ def parse(data: bytes, rules: Rules) -> SimpleGet | None:
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _TARGET.fullmatch(parts[1]):
         return None
     uri = parts[1].decode("ascii")
-    split = split_request_uri(uri)
+    try:
+        split = split_request_uri(uri)
+    except ValueError:
+        return None  # gunicorn's 400
     if split.path not in rules.paths:
         return None
     if len(lines) - 1 > rules.limit_request_fields:

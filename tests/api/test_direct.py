@@ -262,3 +262,33 @@ def test_threads_lend_their_own_connections(known_prometheus: KnownPrometheus) -
         assert errors == []
     finally:
         client.close()
+
+
+def test_plans_are_kept_by_query_string_bounded_and_never_for_bad_parameters(
+    counting_backend: tuple[FakeBackend, list[str]], make_app: Callable[..., Flask],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import api.direct
+
+    backend, queries = counting_backend
+    app = make_app(backend.url)
+    direct = _direct(app)
+    client = app.test_client()
+    assert client.get("/agent-performance?window=2h").status_code == 200
+    kept = dict(direct._plans)
+    assert list(kept) == [("/agent-performance", "window=2h")]
+    assert client.get("/agent-performance?window=2h").status_code == 200
+    assert direct._plans[("/agent-performance", "window=2h")] is kept[
+        ("/agent-performance", "window=2h")]
+    # The same parameters on another endpoint are another plan; a bad window is Flask's 400.
+    assert client.get("/task-completion?window=2h").status_code == 200
+    assert client.get("/task-completion?window=2x").status_code == 400
+    assert set(direct._plans) == {("/agent-performance", "window=2h"),
+                                  ("/task-completion", "window=2h")}
+    assert direct._plans[("/task-completion", "window=2h")].expr != kept[
+        ("/agent-performance", "window=2h")].expr
+    monkeypatch.setattr(api.direct, "_PLANS_MAX", 4)
+    for hours in range(1, 10):
+        assert client.get(f"/agent-performance?window={hours}h").status_code == 200
+        assert len(direct._plans) <= 4
+    assert len(queries) == 12
