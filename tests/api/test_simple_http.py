@@ -216,35 +216,38 @@ def test_every_plain_get_is_accepted_and_read_as_gunicorn_reads_it(
 _DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 
 
-def gunicorn_writes(req: Any, cfg: Config, status: str, headers: list[tuple[Any, Any]],
-                    body: list[bytes], force_close: bool) -> tuple[bytes, bool] | type:
-    sock = Sink()
-    resp = Response(req, sock, cfg)
+def _written(resp: Any, finish: Any, status: str, headers: list[tuple[Any, Any]],
+             body: list[bytes], force_close: bool) -> tuple[bytes, bool] | type:
+    """What a writer put on the wire (``finish`` ends the answer and returns it, the Date
+    blanked) and whether it closes the connection; or the type of the error it raised."""
     if force_close:
         resp.force_close()
     try:
         resp.start_response(status, headers)
         for item in body:
             resp.write(item)
-        resp.close()
+        out = finish()
     except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
         return type(exc)
-    return _DATE.sub(b"\r\nDate: -\r\n", sock.out), resp.should_close()
+    return _DATE.sub(b"\r\nDate: -\r\n", out), resp.should_close()
+
+
+def gunicorn_writes(req: Any, cfg: Config, status: str, headers: list[tuple[Any, Any]],
+                    body: list[bytes], force_close: bool) -> tuple[bytes, bool] | type:
+    sock = Sink()
+    resp = Response(req, sock, cfg)
+
+    def finish() -> bytes:
+        resp.close()
+        return sock.out
+
+    return _written(resp, finish, status, headers, body, force_close)
 
 
 def simple_writes(status: str, headers: list[tuple[Any, Any]], body: list[bytes],
                   force_close: bool) -> tuple[bytes, bool] | type:
     reply = simple_http.Reply()
-    if force_close:
-        reply.force_close()
-    try:
-        reply.start_response(status, headers)
-        for item in body:
-            reply.write(item)
-        out = reply.encode()
-    except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
-        return type(exc)
-    return _DATE.sub(b"\r\nDate: -\r\n", out), reply.should_close()
+    return _written(reply, reply.encode, status, headers, body, force_close)
 
 
 _GET = b"GET /task-completion HTTP/1.1\r\nHost: a\r\n\r\n"
